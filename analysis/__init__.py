@@ -1,0 +1,17 @@
+"""Offline analyses of a recorded run (xarray + dask; never imports torch).
+
+Each analysis is a pure function (run, **params) -> xarray.Dataset, registered in
+`analysis.registry.ANALYSES` so the CLI can enumerate them.
+"""
+from .run import Run, RunError, load_result, open_run, save_result, saved_results
+from .registry import ANALYSES, available_analyses, register_analysis
+
+# Analysis modules register themselves on import (one line each).
+from . import curves  # noqa: F401,E402
+from .curves import class_curves, epoch_curves, loss_change, loss_trajectories  # noqa: E402
+
+__all__ = [
+    "Run", "RunError", "open_run", "save_result", "load_result", "saved_results",
+    "ANALYSES", "available_analyses", "register_analysis",
+    "epoch_curves", "class_curves", "loss_trajectories", "loss_change",
+]

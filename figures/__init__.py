@@ -1,0 +1,14 @@
+"""Publication figures, animations and reports from analysis results (never imports torch).
+
+Each figure is a function (run, **params) -> matplotlib Figure registered in
+`figures.registry.FIGURES`; `render_all` batch-renders those the run has data for.
+"""
+from .registry import FIGURES, available_figures, register_figure
+from .style import PALETTE, save_figure, style
+
+# Figure modules register themselves on import (one line each).
+from . import curves  # noqa: F401,E402
+from .render import render_all, render_figure  # noqa: E402
+
+__all__ = ["FIGURES", "available_figures", "register_figure", "PALETTE", "save_figure",
+           "style", "render_all", "render_figure"]

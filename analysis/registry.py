@@ -1,0 +1,47 @@
+"""Registry of analyses: name -> pure function (run, **params) -> xarray.Dataset.
+
+The CLI (`dynascope analyze`) and the report enumerate this registry instead of
+hard-coding analyses; `available(run)` says whether the run holds the data it needs.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import xarray as xr
+
+from .run import Run
+
+
+@dataclass(frozen=True)
+class AnalysisEntry:
+    name: str
+    func: Callable[..., xr.Dataset]
+    needs: tuple[str, ...] = ()          # "group" or "group/variable" the run must have
+    description: str = ""
+    defaults: dict = field(default_factory=dict)
+
+    def available(self, run: Run) -> bool:
+        for need in self.needs:
+            group, _, var = need.partition("/")
+            if not run.has(group, var or None):
+                return False
+        return True
+
+
+ANALYSES: dict[str, AnalysisEntry] = {}
+
+
+def register_analysis(name: str, needs: tuple[str, ...] = (), description: str = ""):
+    """Decorator: add an analysis to the registry under `name`."""
+
+    def deco(func):
+        doc = (func.__doc__ or "").strip().splitlines()
+        ANALYSES[name] = AnalysisEntry(name, func, tuple(needs), description or (doc[0] if doc else ""))
+        return func
+
+    return deco
+
+
+def available_analyses(run: Run) -> list[AnalysisEntry]:
+    return [a for a in ANALYSES.values() if a.available(run)]

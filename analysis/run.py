@@ -1,0 +1,201 @@
+"""Open a recorded run lazily: every group as a dask-backed xarray Dataset, trimmed to
+what the recorder committed, plus the run's metadata.
+
+Nothing here imports torch: analyses run on machines that never trained anything.
+"""
+from __future__ import annotations
+
+import json
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import xarray as xr
+import zarr
+
+SCHEMA_VERSION = 1
+ROW_DIMS = {"train": "step", "params": "step", "probe": "probe", "eval": "eval",
+            "activations": "probe", "snapshots": "snapshot"}
+
+
+class RunError(ValueError):
+    """A path that is not a readable dynascope run, with what to do about it."""
+
+
+@dataclass
+class Run:
+    """A recorded run: metadata plus lazily loaded groups (see docs/STORE.md)."""
+
+    path: Path
+    attrs: dict
+    groups: dict[str, xr.Dataset] = field(default_factory=dict)
+
+    # -- metadata -------------------------------------------------------------
+    @property
+    def status(self) -> str:
+        return self.attrs.get("status", "unknown")
+
+    @property
+    def committed(self) -> dict:
+        return dict(self.attrs.get("committed", {}))
+
+    @property
+    def dataset(self) -> dict:
+        return dict(self.attrs.get("dataset", {}))
+
+    @property
+    def num_classes(self) -> int | None:
+        return self.dataset.get("num_classes")
+
+    @property
+    def class_names(self) -> list[str]:
+        names = self.dataset.get("class_names")
+        if names:
+            return list(names)
+        return [str(i) for i in range(self.num_classes or 0)]
+
+    @property
+    def extensions(self) -> dict:
+        return dict(self.attrs.get("extensions", {}))
+
+    def describe_progress(self) -> str:
+        """One line: how far the recording got, as users want to know after a crash."""
+        c = self.committed
+        parts = ", ".join(f"{k}={v}" for k, v in sorted(c.items()))
+        msg = f"status={self.status}; committed rows: {parts or 'none'}"
+        if self.status == "failed" and self.attrs.get("error"):
+            msg += f"; error: {self.attrs['error']}"
+        if self.status == "recording":
+            msg += " (recorder still open, or killed: data up to the committed rows is valid)"
+        return msg
+
+    # -- data -------------------------------------------------------------------
+    def has(self, group: str, var: str | None = None) -> bool:
+        ds = self.groups.get(group)
+        if ds is None:
+            return False
+        return var is None or var in ds.variables
+
+    def group(self, name: str) -> xr.Dataset:
+        if name not in self.groups:
+            have = ", ".join(sorted(self.groups)) or "none"
+            raise RunError(f"run {self.path} has no '{name}' group (it has: {have}); "
+                           f"record it first (see docs/STORE.md)")
+        return self.groups[name]
+
+    @property
+    def train(self) -> xr.Dataset:
+        return self.group("train")
+
+    @property
+    def probe(self) -> xr.Dataset:
+        return self.group("probe")
+
+    @property
+    def eval(self) -> xr.Dataset:
+        return self.group("eval")
+
+    @property
+    def ground_truth(self) -> xr.Dataset:
+        return self.group("ground_truth")
+
+
+def _open_group(path: Path, name: str) -> xr.Dataset | None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            return xr.open_zarr(path, group=name, consolidated=None)
+        except (FileNotFoundError, KeyError, zarr.errors.GroupNotFoundError):
+            return None
+
+
+def _read_root_attrs(path: Path) -> dict:
+    meta = path / "zarr.json"
+    if not path.exists():
+        raise RunError(f"{path} does not exist; pass the path of a run recorded with "
+                       f"`dynascope record` or recorder.Recorder")
+    if not meta.exists():
+        raise RunError(f"{path} is not a Zarr v3 store (no zarr.json); "
+                       f"pass the path of a dynascope run (a directory ending in .zarr)")
+    try:
+        attrs = json.loads(meta.read_text()).get("attributes", {})
+    except json.JSONDecodeError as e:
+        raise RunError(f"{meta} is not valid JSON ({e}); the store is damaged") from None
+    info = attrs.get("dynascope")
+    if not isinstance(info, dict):
+        raise RunError(f"{path} is a Zarr store but not a dynascope run "
+                       f"(no 'dynascope' root attribute)")
+    version = info.get("schema_version")
+    if version != SCHEMA_VERSION:
+        raise RunError(f"{path} uses store schema {version}; this dynascope reads schema "
+                       f"{SCHEMA_VERSION}. Install a matching dynascope version.")
+    return attrs
+
+
+def _trim(ds: xr.Dataset, row_dim: str, rows: int) -> xr.Dataset:
+    if row_dim in ds.dims and ds.sizes[row_dim] > rows:
+        return ds.isel({row_dim: slice(0, rows)})
+    return ds
+
+
+def open_run(path: str | Path) -> Run:
+    """Open a run for analysis. Groups are lazy; rows past `committed` are dropped."""
+    path = Path(path)
+    attrs = _read_root_attrs(path)
+    committed = attrs.get("committed", {})
+    groups: dict[str, xr.Dataset] = {}
+    for child in sorted(p.name for p in path.iterdir() if (p / "zarr.json").exists()):
+        if child == "analysis":
+            continue
+        ds = _open_group(path, child)
+        if ds is None or not ds.variables:
+            continue
+        row_dim = ROW_DIMS.get(child)
+        if row_dim is not None:
+            ds = _trim(ds, row_dim, int(committed.get(child, 0)))
+        groups[child] = ds
+    return Run(path=path, attrs=attrs, groups=groups)
+
+
+def saved_results(path: str | Path) -> list[str]:
+    """Names of analysis results saved in the store."""
+    base = Path(path) / "analysis"
+    if not base.exists():
+        return []
+    return sorted(p.name for p in base.iterdir() if (p / "zarr.json").exists())
+
+
+def save_result(path: str | Path, name: str, result: xr.Dataset, params: dict) -> str:
+    """Save an analysis result under `analysis/<name>` with its parameters in attrs."""
+    from datetime import datetime, timezone
+
+    out = result.copy()
+    out.attrs = {**result.attrs, "analysis": name, "params": json.loads(json.dumps(params, default=str)),
+                 "created": datetime.now(timezone.utc).isoformat()}
+    for v in out.variables.values():
+        v.encoding = {}
+    group = f"analysis/{name}"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        out.to_zarr(Path(path), group=group, mode="w", consolidated=False)
+    return group
+
+
+def load_result(path: str | Path, name: str) -> xr.Dataset:
+    ds = _open_group(Path(path), f"analysis/{name}")
+    if ds is None:
+        raise RunError(f"no saved analysis '{name}' in {path}; "
+                       f"saved: {', '.join(saved_results(path)) or 'none'}")
+    return ds
+
+
+def correct(logits: xr.DataArray, target: xr.DataArray, class_dim: str = "class") -> xr.DataArray:
+    """Whether argmax(logits) equals the target; NaN where the slot is padding."""
+    pred = logits.fillna(-np.inf).argmax(class_dim)  # padded slots are all-NaN
+    valid = (target >= 0) & logits.notnull().all(class_dim)
+    return (pred == target).where(valid)
+
+
+def as_numpy(a) -> np.ndarray:
+    return np.asarray(a.values if hasattr(a, "values") else a)

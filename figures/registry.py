@@ -1,0 +1,45 @@
+"""Registry of figures: name -> function (run, **params) -> matplotlib Figure.
+
+`dynascope figures` renders every registered figure whose data the run has; each figure
+computes what it needs through `analysis`, so figures never read raw zarr themselves.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+from analysis.run import Run
+
+
+@dataclass(frozen=True)
+class FigureEntry:
+    name: str
+    func: Callable
+    needs: tuple[str, ...] = ()
+    description: str = ""
+    kind: str = "figure"      # "figure" (Figure) or "animation" (writes a GIF itself)
+
+    def available(self, run: Run) -> bool:
+        for need in self.needs:
+            group, _, var = need.partition("/")
+            if not run.has(group, var or None):
+                return False
+        return True
+
+
+FIGURES: dict[str, FigureEntry] = {}
+
+
+def register_figure(name: str, needs: tuple[str, ...] = (), description: str = "", kind: str = "figure"):
+    """Decorator: add a figure function to the registry."""
+
+    def deco(func):
+        doc = (func.__doc__ or "").strip().splitlines()
+        FIGURES[name] = FigureEntry(name, func, tuple(needs), description or (doc[0] if doc else ""), kind)
+        return func
+
+    return deco
+
+
+def available_figures(run: Run, kind: str | None = None) -> list[FigureEntry]:
+    return [f for f in FIGURES.values() if f.available(run) and (kind is None or f.kind == kind)]
