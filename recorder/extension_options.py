@@ -1,0 +1,48 @@
+"""Map the Recorder's convenience keywords to registered extensions.
+
+`Recorder(..., grad_norms=True, grad_projection=1024)` is easier to type than building
+extension objects; this table is the one place that knows which keyword feeds which
+extension, so the Recorder itself stays free of extension-specific code.
+"""
+from __future__ import annotations
+
+import importlib
+
+# keyword -> (extension registry name, module that registers it, constructor argument)
+KEYWORDS = {
+    "grad_norms": ("gradients", "recorder.gradients", "norms"),
+    "grad_projection": ("gradients", "recorder.gradients", "projection_dim"),
+    "grad_seed": ("gradients", "recorder.gradients", "seed"),
+    "grad_layers": ("gradients", "recorder.gradients", "layers"),
+    "param_stats": ("params", "recorder.params", None),
+    "snapshot_params": ("params", "recorder.params", "snapshot_params"),
+    "snapshot_every": ("params", "recorder.params", "snapshot_every"),
+    "activations": ("activations", "recorder.activations", "layers"),
+    "activation_pool": ("activations", "recorder.activations", "pool"),
+}
+# an extension is built when its enabling keyword is truthy
+ENABLING = {"gradients": ("grad_norms", "grad_projection"), "params": ("param_stats",),
+            "activations": ("activations",)}
+
+
+def build(options: dict, registry: dict) -> list:
+    unknown = set(options) - set(KEYWORDS)
+    if unknown:
+        raise TypeError(f"Recorder got unknown keyword(s) {sorted(unknown)}; "
+                        f"known: {sorted(KEYWORDS)}")
+    kwargs: dict[str, dict] = {}
+    for key, value in options.items():
+        name, module, arg = KEYWORDS[key]
+        kwargs.setdefault(name, {})
+        if arg is not None:
+            kwargs[name][arg] = value
+    built = []
+    for name, enabling in ENABLING.items():
+        if not any(options.get(k) for k in enabling):
+            continue
+        module = next(m for k, (n, m, _) in KEYWORDS.items() if n == name)
+        importlib.import_module(module)
+        if name not in registry:
+            raise RuntimeError(f"extension '{name}' is not available in this installation")
+        built.append(registry[name](**{k: v for k, v in kwargs[name].items() if v is not None}))
+    return built

@@ -1,0 +1,128 @@
+"""Creating a run store: the refusal to overwrite, root attributes and the core arrays.
+
+The layout is documented in docs/STORE.md; `analysis.run` reads it back without torch.
+"""
+from __future__ import annotations
+
+import platform
+import shutil
+import warnings
+from datetime import datetime, timezone
+from pathlib import Path
+
+import zarr
+
+from .extensions import EXTENSIONS, ArraySpec, Extension
+
+SCHEMA_VERSION = 1
+
+# (group, row dimension, chunking: "steps" = chunk_steps rows per chunk, "one" = a row a chunk)
+ROW_GROUPS = (
+    ("train", "step", "steps"),
+    ("params", "step", "steps"),
+    ("probe", "probe", "one"),
+    ("eval", "eval", "one"),
+    ("activations", "probe", "one"),
+    ("snapshots", "snapshot", "one"),
+)
+
+
+class StoreExistsError(FileExistsError):
+    """The output path already holds something; we never overwrite unless asked."""
+
+
+def now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def versions() -> dict:
+    import numpy
+
+    out = {"python": platform.python_version(), "zarr": zarr.__version__, "numpy": numpy.__version__}
+    try:
+        import torch
+
+        out["torch"] = torch.__version__
+    except ImportError:  # pragma: no cover
+        pass
+    try:
+        from importlib.metadata import version
+
+        out["dynascope"] = version("dynascope")
+    except Exception:  # noqa: BLE001 - running from a source tree
+        out["dynascope"] = "unknown"
+    return out
+
+
+def _describe_existing(path: Path) -> str:
+    meta = path / "zarr.json"
+    if meta.exists():
+        import json
+
+        try:
+            attrs = json.loads(meta.read_text()).get("attributes", {})
+            if "dynascope" in attrs:
+                c = attrs.get("committed", {})
+                return f"a dynascope run (status {attrs.get('status')}, {c.get('train', 0)} train steps)"
+        except ValueError:
+            pass
+        return "a Zarr store"
+    return "a directory" if path.is_dir() else "a file"
+
+
+def create_store(path: Path, overwrite: bool, attrs: dict) -> zarr.Group:
+    """Create an empty run store; refuse to touch an existing path unless `overwrite`."""
+    path = Path(path)
+    if path.exists():
+        what = _describe_existing(path)
+        if not overwrite:
+            raise StoreExistsError(f"{path} already exists ({what}); pass overwrite=True "
+                                   f"(CLI: --overwrite) to replace it, or choose another path")
+        is_store = (path / "zarr.json").exists()
+        if not is_store and not (path.is_dir() and not any(path.iterdir())):
+            raise StoreExistsError(f"{path} exists and is {what}, not a Zarr store; refusing to delete it "
+                                   f"even with overwrite. Choose another path")
+        shutil.rmtree(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    root = zarr.open_group(str(path), mode="w-", zarr_format=3)
+    root.attrs.update({"dynascope": {"schema_version": SCHEMA_VERSION}, "status": "recording",
+                       "committed": {}, "created": now(), "versions": versions(), **attrs})
+    return root
+
+
+def core_specs(classification: bool) -> list[ArraySpec]:
+    """Arrays every run has (train/probe/eval), independent of extensions."""
+    target = "int64" if classification else "float32"
+    specs = [
+        ArraySpec("train", "example_id", ("step", "slot"), "int64"),
+        ArraySpec("train", "target", ("step", "slot"), target),
+        ArraySpec("train", "loss", ("step", "slot"), "float32"),
+        ArraySpec("train", "logits", ("step", "slot", "class"), "float32"),
+        ArraySpec("train", "epoch", ("step",), "int32"),
+        ArraySpec("train", "optimizer_step", ("step",), "int64"),
+        ArraySpec("train", "lr", ("step",), "float64"),
+        ArraySpec("train", "batch_loss", ("step",), "float32"),
+        ArraySpec("train", "batch_size", ("step",), "int32", fill=0),
+        ArraySpec("train", "wall_time", ("step",), "float64"),
+    ]
+    for group, row in (("probe", "probe"), ("eval", "eval")):
+        specs += [
+            ArraySpec(group, "step", (row,), "int64"),
+            ArraySpec(group, "epoch", (row,), "int32"),
+            ArraySpec(group, "loss", (row, "example"), "float32"),
+            ArraySpec(group, "logits", (row, "example", "class"), "float32"),
+        ]
+    return specs
+
+
+def build_extensions(options: dict) -> list[Extension]:
+    """Turn Recorder keyword options (grad_norms=..., activations=...) into extensions."""
+    from . import extension_options
+
+    return extension_options.build(options, EXTENSIONS)
+
+
+def consolidate(path: Path) -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        zarr.consolidate_metadata(str(path))

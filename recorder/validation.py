@@ -1,0 +1,72 @@
+"""Input checks at the API boundary, so mistakes surface as one clear sentence in the
+user's own frame instead of a traceback from numpy or zarr later in the writer thread."""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+
+def _as_tensor(value, what: str) -> torch.Tensor:
+    if isinstance(value, torch.Tensor):
+        return value
+    try:
+        return torch.as_tensor(np.asarray(value))
+    except (TypeError, ValueError) as e:
+        raise TypeError(f"{what} must be a tensor or array, got {type(value).__name__} ({e})") from None
+
+
+def check_example_ids(example_ids, num_examples: int | None) -> torch.Tensor:
+    """Example ids: 1-D integers in [0, num_examples). Returned as a CPU int64 tensor."""
+    ids = _as_tensor(example_ids, "example_ids")
+    if ids.dtype.is_floating_point or ids.dtype == torch.bool or ids.is_complex():
+        raise TypeError(f"example_ids must be integers, got dtype {ids.dtype}; pass the dataset indices "
+                        f"(wrap your dataset in recorder.IndexedDataset to get them from the loader)")
+    if ids.dim() != 1:
+        raise ValueError(f"example_ids must be 1-D (one id per example), got shape {tuple(ids.shape)}")
+    if ids.numel() == 0:
+        raise ValueError("example_ids is empty; a recorded batch needs at least one example")
+    ids = ids.detach().to("cpu", torch.int64)
+    lo, hi = int(ids.min()), int(ids.max())
+    if lo < 0:
+        raise ValueError(f"example_ids must be >= 0, got {lo}")
+    if num_examples is not None and hi >= num_examples:
+        raise ValueError(f"example id {hi} is out of range for num_examples={num_examples}; "
+                         f"ids must be dataset indices in [0, {num_examples})")
+    return ids
+
+
+def check_targets(targets, n: int, num_classes: int | None) -> torch.Tensor:
+    t = _as_tensor(targets, "targets")
+    if t.shape[0] != n:
+        raise ValueError(f"targets has {t.shape[0]} rows but example_ids has {n}; pass one target per example")
+    if num_classes is not None:
+        if t.dim() != 1:
+            raise ValueError(f"classification targets must be 1-D class indices, got shape {tuple(t.shape)}")
+        if t.dtype.is_floating_point:
+            raise TypeError(f"classification targets must be integer class indices, got {t.dtype}; "
+                            f"omit num_classes to record a regression run")
+        if t.device.type == "cpu" and t.numel() and (int(t.min()) < 0 or int(t.max()) >= num_classes):
+            raise ValueError(f"targets must be in [0, {num_classes}); got [{int(t.min())}, {int(t.max())}]")
+    return t
+
+
+def check_losses(losses, n: int) -> torch.Tensor:
+    if not isinstance(losses, torch.Tensor):
+        raise TypeError(f"losses must be a torch.Tensor of per-example losses, got {type(losses).__name__}")
+    if losses.dim() != 1 or losses.shape[0] != n:
+        hint = " (use reduction='none')" if losses.dim() == 0 else ""
+        raise ValueError(f"losses must have shape ({n},), one per example in the batch; "
+                         f"got {tuple(losses.shape)}{hint}")
+    return losses
+
+
+def check_logits(logits, n: int, num_classes: int | None) -> torch.Tensor:
+    if not isinstance(logits, torch.Tensor):
+        raise TypeError(f"logits must be a torch.Tensor, got {type(logits).__name__}")
+    if logits.dim() != 2 or logits.shape[0] != n:
+        raise ValueError(f"logits must have shape ({n}, num_classes) to match the {n} example ids; "
+                         f"got {tuple(logits.shape)}")
+    if num_classes is not None and logits.shape[1] != num_classes:
+        raise ValueError(f"logits have {logits.shape[1]} classes but the Recorder was given "
+                         f"num_classes={num_classes}")
+    return logits

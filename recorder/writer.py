@@ -1,0 +1,262 @@
+"""Background chunk writer: rows are buffered in memory and written to Zarr as whole chunks
+from one thread, so the training thread never waits on compression or disk.
+
+Why one writer thread: zarr 3 loses data with concurrent partial-chunk writers, and a
+per-step write into a chunk is a read-modify-write (70x slower, see DESIGN.md). After each
+flush the group's committed row count goes into the root attributes (an atomic file
+replace in zarr's local store), so a killed run is readable up to its last flush.
+"""
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import zarr
+
+from .extensions import ArraySpec
+
+
+def _to_numpy(value) -> np.ndarray:
+    if hasattr(value, "detach"):  # torch tensor; the writer thread does the device copy
+        value = value.detach()
+        if value.dtype.is_floating_point and value.dtype not in _NUMPY_FLOATS:
+            value = value.float()  # bfloat16 has no numpy dtype
+        return value.cpu().numpy()
+    return np.asarray(value)
+
+
+_NUMPY_FLOATS: set = set()
+try:  # torch is a recorder dependency, but keep the writer importable without it
+    import torch
+
+    _NUMPY_FLOATS = {torch.float16, torch.float32, torch.float64}
+except ImportError:  # pragma: no cover
+    pass
+
+
+@dataclass
+class RowGroup:
+    """One row group (train, probe, eval, params, ...): its specs, buffer and sizes."""
+
+    name: str
+    row_dim: str
+    chunk_rows: int
+    specs: dict[str, ArraySpec] = field(default_factory=dict)
+    buffer: list[dict] = field(default_factory=list)
+    start: int = 0            # first row of the buffer (rows before are handed to the writer)
+    capacity: int = 0         # rows allocated on disk (writer thread only)
+    dim_sizes: dict[str, int] = field(default_factory=dict)   # writer thread only
+    arrays: dict[str, zarr.Array] = field(default_factory=dict)  # writer thread only
+
+
+class ChunkWriter:
+    """Owns the zarr root after creation; every write goes through its queue."""
+
+    def __init__(self, root: zarr.Group, committed: dict, expected_rows: dict | None = None,
+                 max_pending: int = 3):
+        self.root = root
+        self.committed = dict(committed)
+        self.expected_rows = dict(expected_rows or {})
+        self.groups: dict[str, RowGroup] = {}
+        self._queue: queue.Queue = queue.Queue(maxsize=max_pending)
+        self._error: BaseException | None = None
+        self.blocked_seconds = 0.0      # training-thread time spent waiting on a full queue
+        self.bytes_written = 0
+        self.write_seconds = 0.0        # writer-thread time spent converting + writing
+        self._thread = threading.Thread(target=self._run, name="dynascope-writer", daemon=True)
+        self._thread.start()
+
+    # -- training-thread API ----------------------------------------------------
+    def add_group(self, name: str, row_dim: str, chunk_rows: int) -> RowGroup:
+        if name not in self.groups:
+            self.groups[name] = RowGroup(name, row_dim, chunk_rows, start=self.committed.get(name, 0))
+        return self.groups[name]
+
+    def declare(self, spec: ArraySpec) -> None:
+        if spec.static:
+            return
+        group = self.groups.get(spec.group)
+        if group is None:
+            raise KeyError(f"unknown row group '{spec.group}' for array '{spec.name}'")
+        group.specs.setdefault(spec.name, spec)
+
+    def append(self, group_name: str, row: dict) -> None:
+        """Buffer one row ({array name: value}); hand whole chunks to the writer."""
+        self.raise_if_failed()
+        group = self.groups[group_name]
+        unknown = set(row) - set(group.specs)
+        if unknown:
+            raise KeyError(f"arrays {sorted(unknown)} are not declared in group '{group_name}'")
+        group.buffer.append(row)
+        if len(group.buffer) >= group.chunk_rows:
+            self._hand_off(group)
+
+    def write_static(self, group: str, name: str, data, dims: tuple[str, ...], attrs: dict | None = None) -> None:
+        """Write a whole array that does not grow (ground truth, tracked ids, thumbnails)."""
+        self._submit(("static", group, name, data, tuple(dims), attrs or {}))
+
+    def update_attrs(self, attrs: dict) -> None:
+        self._submit(("attrs", attrs))
+
+    def flush(self) -> None:
+        """Write every buffered row (a partial chunk included) and wait until done."""
+        for group in self.groups.values():
+            if group.buffer:
+                self._hand_off(group)
+        self._queue.join()
+        self.raise_if_failed()
+
+    def close(self, trim: bool = True) -> None:
+        self.flush()
+        if trim:
+            self._submit(("trim",))
+        self._submit(None)
+        self._thread.join()
+        self.raise_if_failed()
+
+    def abort(self) -> None:
+        """Best effort after a failure: write what is buffered, never raise."""
+        try:
+            for group in self.groups.values():
+                if group.buffer:
+                    self._hand_off(group)
+            self._submit(None)
+        except BaseException:  # noqa: BLE001 - we are already handling an error
+            pass
+        self._thread.join(timeout=60)
+
+    def raise_if_failed(self) -> None:
+        if self._error is not None:
+            err, self._error = self._error, None
+            raise RuntimeError(f"the store writer failed: {err!r}") from err
+
+    # -- internals ----------------------------------------------------------------
+    def _hand_off(self, group: RowGroup) -> None:
+        rows, start = group.buffer, group.start
+        group.buffer = []
+        group.start += len(rows)
+        self._submit(("rows", group.name, start, rows))
+
+    def _submit(self, task) -> None:
+        t0 = time.perf_counter()
+        self._queue.put(task)
+        self.blocked_seconds += time.perf_counter() - t0
+
+    def _run(self) -> None:
+        while True:
+            task = self._queue.get()
+            try:
+                if task is None:
+                    return
+                if self._error is None:
+                    t0 = time.perf_counter()
+                    getattr(self, f"_do_{task[0]}")(*task[1:])
+                    self.write_seconds += time.perf_counter() - t0
+            except BaseException as e:  # noqa: BLE001 - reported to the training thread
+                self._error = e
+            finally:
+                self._queue.task_done()
+
+    def _do_attrs(self, attrs: dict) -> None:
+        self.root.attrs.update(attrs)
+
+    def _do_static(self, group, name, data, dims, attrs) -> None:
+        data = _to_numpy(data)
+        g = self.root.require_group(group)
+        if name in g:
+            del g[name]
+        row_bytes = max(1, data[:1].nbytes) if data.ndim else 1
+        chunks = (max(1, min(len(data), (4 << 20) // row_bytes)), *data.shape[1:]) if data.ndim else None
+        arr = g.create_array(name, shape=data.shape, dtype=data.dtype, chunks=chunks,
+                             dimension_names=list(dims), overwrite=True)
+        if attrs:
+            arr.attrs.update(attrs)
+        arr[...] = data
+        self.bytes_written += data.nbytes
+
+    def _do_rows(self, group_name: str, start: int, rows: list[dict]) -> None:
+        group = self.groups[group_name]
+        zgroup = self.root.require_group(group_name)
+        n = len(rows)
+        blocks = {}
+        for name, spec in group.specs.items():
+            values = [r.get(name) for r in rows]
+            if all(v is None for v in values):
+                continue
+            blocks[name] = self._stack(spec, values)
+        # grow shared dimensions (slot, class, ...) and rows before writing
+        for name, block in blocks.items():
+            for dim, size in zip(group.specs[name].dims[1:], block.shape[1:]):
+                if size > group.dim_sizes.get(dim, 0):
+                    self._grow_dim(group, dim, size)
+        end = start + n
+        if end > group.capacity:
+            want = max(end, 2 * group.capacity, self.expected_rows.get(group_name, 0),
+                       group.chunk_rows * 16 if group.chunk_rows > 1 else 1)
+            self._grow_rows(group, want)
+        for name, block in blocks.items():
+            spec = group.specs[name]
+            arr = group.arrays.get(name) or self._create(group, zgroup, spec, block)
+            block = self._pad(block, arr.shape[1:], spec.fill_value)
+            arr[start:end] = block
+            self.bytes_written += block.nbytes
+        self.committed[group_name] = end
+        self.root.attrs["committed"] = dict(self.committed)
+
+    def _stack(self, spec: ArraySpec, values: list) -> np.ndarray:
+        arrays = [None if v is None else _to_numpy(v) for v in values]
+        present = [a for a in arrays if a is not None]
+        ndim = present[0].ndim
+        shape = tuple(max(a.shape[d] for a in present) for d in range(ndim))
+        out = np.full((len(arrays), *shape), spec.fill_value, dtype=spec.dtype)
+        for i, a in enumerate(arrays):
+            if a is not None:
+                out[(i, *(slice(0, s) for s in a.shape))] = a
+        return out
+
+    @staticmethod
+    def _pad(block: np.ndarray, trailing: tuple, fill) -> np.ndarray:
+        if block.shape[1:] == tuple(trailing):
+            return block
+        out = np.full((block.shape[0], *trailing), fill, dtype=block.dtype)
+        out[(slice(None), *(slice(0, s) for s in block.shape[1:]))] = block
+        return out
+
+    def _create(self, group: RowGroup, zgroup: zarr.Group, spec: ArraySpec, block: np.ndarray) -> zarr.Array:
+        trailing = []
+        for dim, size in zip(spec.dims[1:], block.shape[1:]):
+            group.dim_sizes[dim] = max(group.dim_sizes.get(dim, 0), size)
+            trailing.append(group.dim_sizes[dim])
+        shape = (max(group.capacity, 1), *trailing)
+        chunks = (group.chunk_rows, *trailing)  # one flush = one chunk: never rewritten
+        arr = zgroup.create_array(spec.name, shape=shape, chunks=chunks, dtype=spec.dtype,
+                                  fill_value=spec.fill_value, dimension_names=list(spec.dims),
+                                  overwrite=True)
+        if spec.attrs:
+            arr.attrs.update(spec.attrs)
+        group.arrays[spec.name] = arr
+        group.capacity = max(group.capacity, 1)
+        return arr
+
+    def _grow_rows(self, group: RowGroup, rows: int) -> None:
+        for arr in group.arrays.values():
+            arr.resize((rows, *arr.shape[1:]))
+        group.capacity = rows
+
+    def _grow_dim(self, group: RowGroup, dim: str, size: int) -> None:
+        group.dim_sizes[dim] = size
+        for name, arr in group.arrays.items():
+            dims = group.specs[name].dims
+            if dim in dims:
+                shape = list(arr.shape)
+                shape[dims.index(dim)] = size
+                arr.resize(tuple(shape))
+
+    def _do_trim(self) -> None:
+        for group in self.groups.values():
+            rows = self.committed.get(group.name, 0)
+            if group.arrays and rows != group.capacity:
+                self._grow_rows(group, rows)
