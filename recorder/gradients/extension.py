@@ -1,0 +1,290 @@
+"""GradientExtension: exact per-example gradient norms and factored random projections,
+computed from hooks on the training (and probe) backward pass, with no second pass and no
+(B, P) per-example gradient tensor.
+
+Forward hooks keep each covered module's input; a tensor hook on the module's output keeps
+the output gradient (one entry per call, so modules used several times in a forward are
+summed over calls, cross terms included). A hook on the per-example losses learns the
+weight w_i = dL/dloss_i that the backward gave each example (1/B for `mean`, 1 for `sum`,
+GradScaler's scale, ...), which is divided out: the stored signals are those of each
+example's own loss. Examples with w_i == 0 get NaN (their gradient was never computed).
+"""
+from __future__ import annotations
+
+import fnmatch
+import functools
+import warnings
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+
+from ..extensions import ArraySpec, BatchContext, Extension, register_extension
+from .projection import allocate_dims, gaussian_matrix, split_dims
+from .rules import find_rule
+
+PASS_GROUPS = {"train": ("step", "slot"), "probe": ("probe", "example")}
+
+
+@dataclass
+class _Layer:
+    name: str
+    module: nn.Module
+    rule: object
+    params: list[str]
+    shape: tuple[int, ...]
+    proj: tuple[int, ...] = ()      # (k_out, k_in) or (k,)
+    offset: int = 0
+    calls: list = field(default_factory=list)  # [input, grad or None, extra]
+    mats: dict = field(default_factory=dict)   # device -> matrices
+
+    @property
+    def proj_size(self) -> int:
+        n = 1
+        for k in self.proj:
+            n *= k
+        return n if self.proj else 0
+
+
+@register_extension("gradients")
+class GradientExtension(Extension):
+    """Per-example gradient norms (total and per layer) and projections.
+
+    norms: record exact norms. projection_dim: total sketch size split equally over the
+    covered layers (int), per-layer sizes ({layer name: dim}), or None for no projection.
+    seed: seeds every projection matrix together with the layer name. layers: module names
+    or fnmatch patterns to cover (default: every supported module with trainable params).
+    """
+
+    needs_backward = True
+
+    def __init__(self, norms: bool = True, projection_dim: int | dict | None = 1024, seed: int = 0,
+                 layers: list[str] | None = None):
+        self.norms = bool(norms)
+        self.projection_dim = projection_dim
+        self.seed = int(seed)
+        self.layer_patterns = list(layers) if layers else None
+        self.layers: list[_Layer] = []
+        self.excluded: dict[str, str] = {}
+        self.batchnorm_modules: list[str] = []
+        self.total_trainable = 0
+        self._handles: list = []
+        self._active = False
+        self._loss_grad: torch.Tensor | None = None
+        self._warned: set[str] = set()
+        self._bsz = 0
+
+    # -- setup ---------------------------------------------------------------------
+    def attach(self, recorder) -> None:
+        self.attach_model(recorder.model)
+
+    def attach_model(self, model: nn.Module) -> "GradientExtension":
+        """Hook a model directly (used by attach, tests and benchmarks)."""
+        self.detach()
+        self.layers, self.excluded = [], {}
+        covered: set[int] = set()
+        skip_children = set()
+        for name, module in model.named_modules():
+            if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                self.batchnorm_modules.append(name)
+            if isinstance(module, nn.MultiheadAttention):  # calls its Linear functionally
+                skip_children.add(name + ".")
+            rule = find_rule(module)
+            if rule is None or any(name.startswith(s) for s in skip_children):
+                continue
+            if self.layer_patterns and not any(fnmatch.fnmatch(name, p) for p in self.layer_patterns):
+                continue
+            params = rule.params(module)
+            if not params:
+                continue
+            reason = rule.unsupported(module)
+            if reason:
+                for p in params:
+                    self.excluded[f"{name}.{p}"] = reason
+                continue
+            self.layers.append(_Layer(name, module, rule, params, rule.shape(module, params)))
+            covered.update(id(getattr(module, p)) for p in params)
+        seen = set()
+        self.total_trainable = 0
+        for pname, p in model.named_parameters():
+            if id(p) in seen or not p.requires_grad:
+                continue
+            seen.add(id(p))
+            self.total_trainable += p.numel()
+            if id(p) not in covered and pname not in self.excluded:
+                self.excluded[pname] = ("not selected by `layers`" if self.layer_patterns
+                                        else "no per-example rule for this parameter's module")
+        self._covered_numel = sum(getattr(l.module, p).numel() for l in self.layers for p in l.params)
+        dims = allocate_dims([l.name for l in self.layers], self.projection_dim)
+        offset = 0
+        for layer in self.layers:
+            d = dims.get(layer.name, 0)
+            if d:
+                layer.proj = (split_dims(d, *layer.shape) if layer.rule.form == "factored"
+                              else (min(d, layer.shape[0]),))
+            layer.offset = offset
+            offset += layer.proj_size
+        self.proj_total = offset
+        for layer in self.layers:
+            self._handles.append(layer.module.register_forward_hook(
+                functools.partial(self._forward_hook, layer)))
+        return self
+
+    def detach(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+
+    def specs(self) -> list[ArraySpec]:
+        names = [l.name for l in self.layers]
+        out = []
+        for group, (row, ex) in PASS_GROUPS.items():
+            if self.norms:
+                out.append(ArraySpec(group, "grad_norm", (row, ex), "float32"))
+                out.append(ArraySpec(group, "grad_norm_layer", (row, ex, "layer"), "float32",
+                                     attrs={"layers": names}))
+            if self.proj_total:
+                out.append(ArraySpec(group, "grad_proj", (row, ex, "proj"), "float16",
+                                     attrs={"seed": self.seed}))
+        return out
+
+    def metadata(self) -> dict:
+        return {
+            "norms": self.norms,
+            "layer_names": [l.name for l in self.layers],
+            "layers": [{"name": l.name, "type": type(l.module).__name__, "form": l.rule.form,
+                        "params": [f"{l.name}.{p}" for p in l.params],
+                        "numel": sum(getattr(l.module, p).numel() for p in l.params),
+                        "matrix_shape": list(l.shape), "proj_dims": list(l.proj),
+                        "proj_offset": l.offset, "proj_size": l.proj_size} for l in self.layers],
+            "covered_parameters": [f"{l.name}.{p}" for l in self.layers for p in l.params],
+            "excluded_parameters": dict(self.excluded),
+            "covered_fraction": self._covered_numel / max(1, self.total_trainable),
+            "projection": {"kind": "factored_gaussian", "dim": self.proj_total, "seed": self.seed,
+                           "dtype": "float16", "entries": "N(0, 1/k), k = rows",
+                           "seed_hash": "seed*1000003 + zlib.crc32('<layer>/<L|R|P>') mod 2^63-1",
+                           "generator": "torch.Generator('cpu').manual_seed; torch.randn(rows, cols)",
+                           "layout": "per layer vec(L G R^T) row-major (factored) or P g (vector)"},
+            "batchnorm_modules": list(self.batchnorm_modules),
+            "batchnorm_train_mode_coupling": bool(self.batchnorm_modules),
+            "zero_weight_examples": "nan",
+            "loss_weighting": "dL/dloss_i from a hook on the per-example losses is divided out",
+        }
+
+    # -- hooks ---------------------------------------------------------------------
+    def _forward_hook(self, layer: _Layer, module, inputs, output) -> None:
+        if not self._active or not isinstance(output, torch.Tensor) or not output.requires_grad:
+            return
+        x = inputs[0]
+        call = [x.detach(), None, layer.rule.capture(module, x)]
+        if x.shape[0] != self._bsz:
+            call[2] = {**call[2], "bad_batch": True}
+        layer.calls.append(call)
+        output.register_hook(functools.partial(self._grad_hook, call))
+
+    @staticmethod
+    def _grad_hook(call, grad) -> None:
+        g = grad.detach()
+        call[1] = g if call[1] is None else call[1] + g
+
+    def _loss_hook(self, grad) -> None:
+        g = grad.detach()
+        self._loss_grad = g if self._loss_grad is None else self._loss_grad + g
+
+    # -- batches -------------------------------------------------------------------
+    def begin_batch(self, batch: BatchContext) -> None:
+        self._reset()
+        if batch.kind in PASS_GROUPS:
+            self._active = True
+            self._bsz = batch.batch_size
+
+    def on_losses(self, batch: BatchContext) -> None:
+        losses = batch.losses
+        if self._active and losses is not None and losses.requires_grad:
+            losses.register_hook(self._loss_hook)
+
+    def end_batch(self, batch: BatchContext) -> dict:
+        out = self.columns(batch)
+        if "grad_proj" in out:
+            out["grad_proj"] = out["grad_proj"].to(torch.float16)
+        return out
+
+    def columns(self, batch: BatchContext) -> dict:
+        """end_batch's columns in float32 (tests compare these before the float16 cast)."""
+        if not self._active:
+            return {}
+        try:
+            norms, proj = self.compute(batch.batch_size)
+        finally:
+            self._reset()
+        out = {}
+        if self.norms:
+            out["grad_norm"] = norms.sum(1).sqrt()
+            out["grad_norm_layer"] = norms.sqrt()
+        if proj is not None:
+            out["grad_proj"] = proj
+        return out
+
+    def _reset(self) -> None:
+        self._active = False
+        self._loss_grad = None
+        for layer in self.layers:
+            layer.calls = []
+
+    def compute(self, batch_size: int):
+        """(B, layers) squared norms and (B, proj) float32 projections of each example's own
+        loss gradient, from what the hooks captured since begin_batch."""
+        w = self._loss_grad
+        device = None
+        if w is None:
+            self._warn("noloss", "no gradient reached the per-example losses given to the recorder; "
+                       "gradients are stored unscaled (as if each example's weight were 1). "
+                       "Backpropagate through the recorded losses (e.g. losses.mean().backward()).")
+        sq = torch.zeros(batch_size, len(self.layers))
+        proj = torch.zeros(batch_size, self.proj_total) if self.proj_total else None
+        with torch.autocast("cuda", enabled=False), torch.autocast("cpu", enabled=False), \
+                torch.no_grad():
+            for j, layer in enumerate(self.layers):
+                calls = [c for c in layer.calls if c[1] is not None]
+                if not calls:
+                    continue  # not used on the loss's graph: its gradient is zero
+                if any(c[2].get("bad_batch") for c in calls):
+                    self._warn(layer.name, f"{layer.name}: input's first dimension is not the batch; "
+                               "its per-example gradients are recorded as NaN")
+                    sq[:, j] = float("nan")
+                    if proj is not None:
+                        proj[:, layer.offset:layer.offset + layer.proj_size] = float("nan")
+                    continue
+                device = calls[0][1].device
+                if sq.device != device:
+                    sq, proj = sq.to(device), (proj.to(device) if proj is not None else None)
+                g = layer.rule.grad(layer.module, calls, layer.params)
+                if self.norms:
+                    sq[:, j] = g.sq_norm()
+                if layer.proj_size:
+                    p = g.project(*self._matrices(layer, device))
+                    proj[:, layer.offset:layer.offset + layer.proj_size] = p
+            if w is not None:
+                w = w.to(sq.device).float().reshape(-1)
+                inv = torch.where(w != 0, 1.0 / w, torch.full_like(w, float("nan")))
+                sq = sq * inv[:, None].square()
+                if proj is not None:
+                    proj = proj * inv[:, None]
+        return sq, proj
+
+    def _matrices(self, layer: _Layer, device) -> tuple:
+        key = str(device)
+        if key not in layer.mats:
+            if layer.rule.form == "factored":
+                (k_out, k_in), (n_out, n_in) = layer.proj, layer.shape
+                layer.mats[key] = (gaussian_matrix(self.seed, layer.name, "L", k_out, n_out, device),
+                                   gaussian_matrix(self.seed, layer.name, "R", k_in, n_in, device))
+            else:
+                layer.mats[key] = (gaussian_matrix(self.seed, layer.name, "P", layer.proj[0],
+                                                   layer.shape[0], device),)
+        return layer.mats[key]
+
+    def _warn(self, key: str, msg: str) -> None:
+        if key not in self._warned:
+            self._warned.add(key)
+            warnings.warn(msg, RuntimeWarning, stacklevel=3)

@@ -1,0 +1,232 @@
+"""Per-layer-type rules: how to turn a module's captured inputs and output gradients into
+per-example gradients in factored or vector form (see factors.py).
+
+A registry keyed by module type (looked up along the MRO, like Opacus'
+`register_grad_sampler`) rather than if-chains: adding a layer type is one decorated class.
+Each rule sees one batch's list of calls `(input, grad_output, extra)` of one module and
+covers the module's *trainable* `weight` / `bias` only.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .factors import Dense, Factored, OneHot, Patches, Vector
+
+RULES: dict[type, "Rule"] = {}
+
+
+def register_rule(*types):
+    """Class decorator: the rule handles these module types (and their subclasses)."""
+
+    def deco(cls):
+        for t in types:
+            RULES[t] = cls()
+        return cls
+
+    return deco
+
+
+def find_rule(module: nn.Module) -> "Rule | None":
+    for t in type(module).__mro__:
+        if t in RULES:
+            return RULES[t]
+    return None
+
+
+class Rule:
+    #: "factored" (matrix gradient, sketched as L G R^T) or "vector" (sketched as P g)
+    form = "factored"
+
+    def unsupported(self, module) -> str | None:
+        """Reason this module instance cannot be handled, or None."""
+        return None
+
+    def params(self, module) -> list[str]:
+        """Local names of the trainable parameters covered, in layout order."""
+        return [n for n in ("weight", "bias")
+                if getattr(module, n, None) is not None and getattr(module, n).requires_grad]
+
+    def shape(self, module, params: list[str]) -> tuple[int, ...]:
+        raise NotImplementedError
+
+    def capture(self, module, x: torch.Tensor) -> dict:
+        """State needed later that may change before backward (e.g. running stats)."""
+        return {}
+
+    def grad(self, module, calls: list, params: list[str]):
+        raise NotImplementedError
+
+
+def _rows(t: torch.Tensor) -> torch.Tensor:
+    """(B, *, n) -> (B, T, n) float32."""
+    return t.reshape(t.shape[0], -1, t.shape[-1]).float()
+
+
+@register_rule(nn.Linear)
+class LinearRule(Rule):
+    def shape(self, module, params):
+        return (module.out_features, module.in_features * ("weight" in params) + ("bias" in params))
+
+    def grad(self, module, calls, params):
+        pairs = []
+        for x, g, _ in calls:
+            a = _rows(x)
+            parts = [a] if "weight" in params else []
+            if "bias" in params:
+                parts.append(a.new_ones(a.shape[0], a.shape[1], 1))
+            pairs.append((Dense(_rows(g)), Dense(torch.cat(parts, 2) if len(parts) > 1 else parts[0])))
+        return Factored(pairs, *self.shape(module, params))
+
+
+@register_rule(nn.Conv1d, nn.Conv2d)
+class ConvRule(Rule):
+    """Conv1d is handled as a Conv2d with a height-1 kernel."""
+
+    def unsupported(self, module):
+        if module.groups != 1:
+            return "grouped convolution (groups > 1) not supported"
+        return None
+
+    def shape(self, module, params):
+        k = math.prod(module.kernel_size) * module.in_channels
+        return (module.out_channels, k * ("weight" in params) + ("bias" in params))
+
+    @staticmethod
+    def _geometry(module, x):
+        one_d = x.dim() == 3
+        expand = (lambda v: (1, v[0])) if one_d else (lambda v: tuple(v))
+        kernel, stride, dil = expand(module.kernel_size), expand(module.stride), expand(module.dilation)
+        if module.padding_mode != "zeros":
+            x = F.pad(x, module._reversed_padding_repeated_twice, mode=module.padding_mode)
+            pad = (0,) * len(module.kernel_size)
+        elif isinstance(module.padding, str):
+            if module.padding == "valid":
+                pad = (0,) * len(module.kernel_size)
+            else:  # "same": torch puts the odd extra pixel at the end
+                pads = []
+                for k, d in zip(reversed(module.kernel_size), reversed(module.dilation)):
+                    total = d * (k - 1)
+                    pads += [total // 2, total - total // 2]
+                x = F.pad(x, pads)
+                pad = (0,) * len(module.kernel_size)
+        else:
+            pad = module.padding
+        pad = (0, pad[0]) if one_d else tuple(pad)
+        if one_d:
+            x = x.unsqueeze(2)
+        return x, kernel, stride, dil, pad
+
+    def grad(self, module, calls, params):
+        pairs = []
+        for x, g, _ in calls:
+            x, kernel, stride, dil, pad = self._geometry(module, x.float())
+
+            def unfold(t, kernel=kernel, stride=stride, dil=dil, pad=pad):
+                return F.unfold(t, kernel, dilation=dil, padding=pad, stride=stride)
+
+            def conv(t, w, b, stride=stride, dil=dil, pad=pad):
+                return F.conv2d(t, w, b, stride=stride, padding=pad, dilation=dil)
+
+            u = g.float().flatten(2).transpose(1, 2)  # (B, T, out)
+            right = Patches(x, kernel, stride, dil, "weight" in params, "bias" in params, unfold, conv)
+            pairs.append((Dense(u), right))
+        return Factored(pairs, *self.shape(module, params))
+
+
+@register_rule(nn.Embedding)
+class EmbeddingRule(Rule):
+    def unsupported(self, module):
+        if module.scale_grad_by_freq:
+            return "scale_grad_by_freq couples examples"
+        return None
+
+    def params(self, module):
+        return ["weight"] if module.weight.requires_grad else []
+
+    def shape(self, module, params):
+        return (module.num_embeddings, module.embedding_dim)
+
+    def grad(self, module, calls, params):
+        pairs = []
+        for idx, g, _ in calls:
+            idx = idx.reshape(idx.shape[0], -1)
+            g = _rows(g)
+            if module.padding_idx is not None:  # torch gives the padding row no gradient
+                g = g * (idx != module.padding_idx).unsqueeze(-1)
+            pairs.append((OneHot(idx, module.num_embeddings), Dense(g)))
+        return Factored(pairs, *self.shape(module, params))
+
+
+class _AffineRule(Rule):
+    """Normalisation layers: per-example affine gradients are small exact vectors,
+    weight_i = sum over non-channel positions of g * x_hat, bias_i = sum of g."""
+
+    form = "vector"
+
+    def shape(self, module, params):
+        return (sum(getattr(module, p).numel() for p in params),)
+
+    def normalized(self, module, x, extra) -> torch.Tensor:
+        raise NotImplementedError
+
+    def reduce_dims(self, module, g) -> tuple[int, ...]:
+        raise NotImplementedError
+
+    def grad(self, module, calls, params):
+        total = None
+        for x, g, extra in calls:
+            g = g.float()
+            dims = self.reduce_dims(module, g)
+            red = (lambda t: t.sum(dims)) if dims else (lambda t: t)  # sum(()) would sum all
+            parts = []
+            if "weight" in params:
+                parts.append(red(g * self.normalized(module, x.float(), extra)).flatten(1))
+            if "bias" in params:
+                parts.append(red(g).flatten(1))
+            v = torch.cat(parts, 1)
+            total = v if total is None else total + v
+        return Vector(total)
+
+
+@register_rule(nn.modules.batchnorm._BatchNorm)
+class BatchNormRule(_AffineRule):
+    """In train mode x_hat uses batch statistics, so examples are coupled: the vectors are
+    each example's share of the batch gradient, as the hooks see it (flagged in metadata)."""
+
+    def capture(self, module, x):
+        batch_stats = module.training or module.running_mean is None
+        if batch_stats:
+            return {"batch_stats": True}
+        return {"batch_stats": False, "mean": module.running_mean.detach().clone(),
+                "var": module.running_var.detach().clone()}
+
+    def reduce_dims(self, module, g):
+        return tuple(d for d in range(g.dim()) if d not in (0, 1))
+
+    def normalized(self, module, x, extra):
+        if extra["batch_stats"]:
+            return F.batch_norm(x, None, None, training=True, momentum=0.0, eps=module.eps)
+        return F.batch_norm(x, extra["mean"].float(), extra["var"].float(), training=False,
+                            eps=module.eps)
+
+
+@register_rule(nn.LayerNorm)
+class LayerNormRule(_AffineRule):
+    def reduce_dims(self, module, g):
+        return tuple(range(1, g.dim() - len(module.normalized_shape)))
+
+    def normalized(self, module, x, extra):
+        return F.layer_norm(x, module.normalized_shape, eps=module.eps)
+
+
+@register_rule(nn.GroupNorm)
+class GroupNormRule(_AffineRule):
+    def reduce_dims(self, module, g):
+        return tuple(range(2, g.dim()))
+
+    def normalized(self, module, x, extra):
+        return F.group_norm(x, module.num_groups, eps=module.eps)
