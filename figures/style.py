@@ -10,9 +10,10 @@ import matplotlib
 matplotlib.use("Agg")  # figures are batch-rendered; never needs a display
 import matplotlib.pyplot as plt  # noqa: E402
 
-# Okabe-Ito: distinguishable under the common colour-vision deficiencies.
+# Okabe-Ito (without its black and pale yellow, which clash with reference lines and white
+# backgrounds) completed with Paul Tol's muted colours: ten classes, colour-blind safe.
 PALETTE = ["#0072B2", "#E69F00", "#009E73", "#D55E00", "#CC79A7",
-           "#56B4E9", "#F0E442", "#000000", "#999999", "#882255"]
+           "#56B4E9", "#332288", "#999933", "#882255", "#44AA99"]
 INCREASE = "#D55E00"   # red-ish: loss went up / forgetting
 DECREASE = "#009E73"   # green: loss went down / learning
 TRAIN = PALETTE[0]
@@ -47,6 +48,13 @@ def style():
     """Apply the dynascope style for the figures created inside the block."""
     with plt.rc_context(RC):
         yield
+
+
+def integer_axis(ax, axis: str = "x") -> None:
+    """Epochs and counts are integers: never label them 0.5."""
+    from matplotlib.ticker import MaxNLocator
+
+    getattr(ax, f"{axis}axis").set_major_locator(MaxNLocator(integer=True))
 
 
 def class_color(i: int) -> str:

@@ -1,0 +1,73 @@
+"""`dynascope analyze`: a readable summary of a run, every registered analysis that the
+run has data for, and optionally their results saved into the store."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+
+
+def parse_params(items) -> dict[str, dict]:
+    """['forgetting.never_learned=inf', ...] -> {'forgetting': {'never_learned': 'inf'}}."""
+    out: dict[str, dict] = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        name, dot, param = key.partition(".")
+        if not sep or not dot or not name or not param:
+            raise ValueError(f"--param expects NAME.KEY=VALUE (e.g. forgetting.never_learned=inf), got {item!r}")
+        try:
+            value = json.loads(raw)
+        except json.JSONDecodeError:
+            value = raw
+        out.setdefault(name, {})[param] = value
+    return out
+
+
+def _fmt(x) -> str:
+    return "n/a" if x is None or (isinstance(x, float) and np.isnan(x)) else f"{x:.4g}"
+
+
+def summary_lines(run) -> list[str]:
+    from analysis import epoch_curves
+
+    ds = run.dataset
+    lines = [f"run: {run.path}", f"  {run.describe_progress()}",
+             f"  dataset {ds.get('name')} ({ds.get('num_examples')} examples, {ds.get('num_classes')} classes); "
+             f"model {run.attrs.get('model', {}).get('name')}"]
+    if run.has("train") and run.train.sizes.get("step", 0):
+        c = epoch_curves(run)
+        last = c.isel(epoch=-1)
+        lines.append(f"  epochs recorded: {c.sizes['epoch']}, steps: {run.train.sizes['step']}")
+        for key, label in (("train", "train"), ("probe", "probe subset"), ("eval", "held-out")):
+            if f"{key}_loss" in last:
+                acc = float(last[f"{key}_accuracy"]) if f"{key}_accuracy" in last else None
+                lines.append(f"  last epoch {label:<13} loss {_fmt(float(last[f'{key}_loss']))}"
+                             f"  accuracy {_fmt(acc)}")
+    return lines
+
+
+def run_analyses(path, only=(), save=False, params=(), echo=print) -> dict:
+    from analysis import ANALYSES, open_run, save_result
+
+    run = open_run(path)
+    for line in summary_lines(run):
+        echo(line)
+    per = parse_params(params)
+    unknown = (set(only) | set(per)) - set(ANALYSES)
+    if unknown:
+        raise ValueError(f"unknown analysis {sorted(unknown)}; known: {', '.join(sorted(ANALYSES))}")
+    names = list(only) or [a.name for a in ANALYSES.values() if a.available(run)]
+    results = {}
+    echo("analyses:")
+    for name in names:
+        entry = ANALYSES[name]
+        if not entry.available(run):
+            echo(f"  {name:<20} skipped: run lacks {', '.join(entry.needs)}")
+            continue
+        result = entry.func(run, **per.get(name, {}))
+        results[name] = result
+        dims = ", ".join(f"{k}={v}" for k, v in result.sizes.items())
+        echo(f"  {name:<20} {dims}  [{', '.join(list(result.data_vars)[:6])}]")
+        if save:
+            echo(f"  {'':<20} saved to {save_result(path, name, result, per.get(name, {}))}")
+    return results

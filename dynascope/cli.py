@@ -1,0 +1,165 @@
+"""The `dynascope` command. Each subcommand imports only what it needs, so `analyze`,
+`figures`, `info` and `report` run on machines without torch."""
+from __future__ import annotations
+
+import functools
+import json
+import sys
+from pathlib import Path
+
+import click
+
+USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, TypeError, FileExistsError, FileNotFoundError,
+                                                KeyError, RuntimeError)
+
+
+def user_errors(func):
+    """Turn expected failures into one clear line on stderr (exit 1), not a traceback."""
+
+    @functools.wraps(func)
+    def wrapper(*args, **kwargs):
+        try:
+            return func(*args, **kwargs)
+        except click.ClickException:
+            raise
+        except USER_ERRORS as e:
+            msg = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
+            raise click.ClickException(str(msg)) from None
+
+    return wrapper
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
+@click.version_option(package_name="dynascope")
+def main():
+    """Record a network's training example by example; analyze and plot it offline."""
+
+
+# -- record ---------------------------------------------------------------------------
+def _record_options(func):
+    options = [
+        click.option("--dataset", default="planted", help="cifar10, mnist, fashion-mnist or planted (offline)."),
+        click.option("--model", default="cnn", help="cnn, mlp-bn or resnet18."),
+        click.option("--epochs", default=10, type=click.IntRange(min=1)),
+        click.option("--batch-size", default=128, type=click.IntRange(min=1)),
+        click.option("--optimizer", type=click.Choice(["sgd", "adam"]), default="sgd"),
+        click.option("--lr", default=0.05, type=float, help="Learning rate."),
+        click.option("--schedule", type=click.Choice(["none", "cosine", "step"]), default="none"),
+        click.option("--seed", default=0, type=int),
+        click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto"),
+        click.option("--data-dir", default="data", type=click.Path(file_okay=False)),
+        click.option("--download", is_flag=True, help="Download torchvision datasets if missing."),
+        click.option("--train-size", type=click.IntRange(min=1), default=None, help="Random training subset."),
+        click.option("--test-size", type=click.IntRange(min=1), default=None, help="Random held-out subset."),
+        click.option("--probe-size", default=500, type=click.IntRange(min=1), help="Tracked training examples."),
+        click.option("--probe-every", default=0, type=click.IntRange(min=0), help="Steps between probes; 0 = each epoch."),
+        click.option("--grad-norms/--no-grad-norms", default=False, help="Exact per-example gradient norms."),
+        click.option("--grad-proj-dim", default=0, type=click.IntRange(min=0), help="Per-example gradient projection dims (0 = off)."),
+        click.option("--param-stats/--no-param-stats", default=True, help="Per-step gradient/update statistics."),
+        click.option("--activations", default=None, help="Probe-pass activations: layer names or types, comma-separated."),
+        click.option("--label-noise", type=click.FloatRange(0, 1), default=None, help="planted: flipped-label fraction."),
+        click.option("--planted-fraction", type=click.FloatRange(0, 1), default=None, help="planted: fraction with the opposing feature."),
+        click.option("--overwrite", is_flag=True, help="Replace an existing store at --out."),
+    ]
+    for opt in reversed(options):
+        func = opt(func)
+    return func
+
+
+def _config(out: str, kw: dict):
+    from recorder.driver import TrainConfig
+
+    dataset_options = {k: kw.pop(k) for k in ("label_noise", "planted_fraction") if kw.get(k) is not None}
+    kw.pop("label_noise", None), kw.pop("planted_fraction", None)
+    return TrainConfig(out=out, dataset_options=dataset_options, **kw)
+
+
+@main.command()
+@click.option("--out", required=True, type=click.Path(), help="Run store to create (e.g. data/run.zarr).")
+@_record_options
+@user_errors
+def record(out, **kw):
+    """Train a built-in model on a dataset and record the run."""
+    from recorder.driver import record_run
+
+    path = record_run(_config(out, kw))
+    click.echo(f"recorded {path}")
+
+
+# -- info / analyze ---------------------------------------------------------------------
+@main.command()
+@click.argument("run_path", type=click.Path())
+@click.option("--json", "as_json", is_flag=True, help="Print the description as JSON.")
+@user_errors
+def info(run_path, as_json):
+    """Describe a run store: status, progress, sizes and what was recorded."""
+    from .describe import describe_run, format_description
+
+    desc = describe_run(run_path)
+    click.echo(json.dumps(desc, indent=2, default=str) if as_json else format_description(desc))
+
+
+@main.command()
+@click.argument("run_path", type=click.Path())
+@click.option("--only", multiple=True, help="Analyses to run (default: all available).")
+@click.option("--save/--no-save", default=False, help="Save results under the store's analysis/ group.")
+@click.option("--param", "params", multiple=True, metavar="NAME.KEY=VALUE",
+              help="Analysis parameter, e.g. --param forgetting.never_learned=inf (repeatable).")
+@user_errors
+def analyze(run_path, only, save, params):
+    """Print a summary of a run and (optionally) save analysis results."""
+    from .analyze import run_analyses
+
+    run_analyses(run_path, only=only, save=save, params=params, echo=click.echo)
+
+
+# -- figures / report ------------------------------------------------------------------
+@main.command()
+@click.argument("run_path", type=click.Path())
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Output directory.")
+@click.option("--format", "formats", default="png", help="Comma-separated: png,pdf,svg.")
+@click.option("--only", multiple=True, help="Figures to render (default: every available one).")
+@click.option("--animations/--no-animations", default=True, help="Also render GIF animations.")
+@user_errors
+def figures(run_path, out, formats, only, animations):
+    """Render every figure the run has data for."""
+    from analysis import open_run
+    from figures import render_all
+
+    fmts = tuple(f.strip().lower() for f in formats.split(",") if f.strip())
+    bad = set(fmts) - {"png", "pdf", "svg"}
+    if bad:
+        raise click.BadParameter(f"unsupported format(s) {sorted(bad)}; use png, pdf or svg", param_hint="--format")
+    written = render_all(open_run(run_path), out, formats=fmts, names=set(only) or None, animations=animations)
+    for name, paths in written.items():
+        click.echo(f"{name}: {', '.join(str(p) for p in paths)}")
+    click.echo(f"{len(written)} figure(s) in {out}")
+
+
+@main.command()
+@click.argument("run_path", type=click.Path())
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Output directory.")
+@user_errors
+def report(run_path, out):
+    """Write a text summary and an HTML report with figures and key numbers."""
+    from figures.report import write_report
+
+    path = write_report(run_path, out)
+    click.echo(f"report: {path}")
+
+
+# -- demo ------------------------------------------------------------------------------
+@main.command()
+@click.option("--out", default="demo-out", type=click.Path(file_okay=False), help="Output directory.")
+@click.option("--epochs", default=12, type=click.IntRange(min=1))
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="cpu")
+@user_errors
+def demo(out, epochs, device):
+    """Record a small `planted` run, analyze it, render its figures and report."""
+    from .demo import run_demo
+
+    run_demo(Path(out), epochs=epochs, device=device, echo=click.echo)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

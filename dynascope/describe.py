@@ -1,0 +1,58 @@
+"""`dynascope info`: what a store holds, how far it got and how big it is (no torch)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def _dir_size(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1024 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} GB"
+
+
+def describe_run(path) -> dict:
+    from analysis.run import open_run, saved_results
+
+    run = open_run(path)
+    groups = {}
+    for name, ds in run.groups.items():
+        groups[name] = {
+            "size_bytes": _dir_size(Path(path) / name),
+            "dims": dict(ds.sizes),
+            "arrays": {v: {"dims": list(ds[v].dims), "shape": list(ds[v].shape), "dtype": str(ds[v].dtype)}
+                       for v in ds.variables},
+        }
+    a = run.attrs
+    return {"path": str(path), "status": run.status, "progress": run.describe_progress(),
+            "committed": run.committed, "dataset": run.dataset, "model": {k: v for k, v in a.get("model", {}).items()
+                                                                           if k != "summary"},
+            "created": a.get("created"), "finished": a.get("finished"), "versions": a.get("versions", {}),
+            "extensions": sorted(run.extensions), "size_bytes": _dir_size(Path(path)), "groups": groups,
+            "saved_analyses": saved_results(path), "config": a.get("config", {})}
+
+
+def format_description(d: dict) -> str:
+    ds, model = d["dataset"], d["model"]
+    lines = [
+        f"run       {d['path']}  ({_human(d['size_bytes'])})",
+        f"status    {d['progress']}",
+        f"dataset   {ds.get('name')} — {ds.get('num_examples')} examples, {ds.get('num_classes')} classes",
+        f"model     {model.get('name')} — {model.get('num_parameters', 0):,} parameters",
+        f"recorded  {d.get('created')} → {d.get('finished') or '(not finished)'}",
+        f"extensions {', '.join(d['extensions']) or 'none'}",
+        "groups:",
+    ]
+    for name, g in d["groups"].items():
+        dims = ", ".join(f"{k}={v}" for k, v in g["dims"].items())
+        lines.append(f"  {name:<13} {_human(g['size_bytes']):>9}  {dims}")
+        for var, spec in sorted(g["arrays"].items()):
+            lines.append(f"      {var:<18} {spec['dtype']:<8} ({', '.join(spec['dims'])})")
+    if d["saved_analyses"]:
+        lines.append(f"saved analyses: {', '.join(d['saved_analyses'])}")
+    return "\n".join(lines)
