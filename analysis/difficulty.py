@@ -1,0 +1,164 @@
+"""Example difficulty: over time, Dataset Cartography, AUM, EL2N and GraNd.
+
+Every score is a per-example statistic of the presentations in `source`:
+- ``"train"`` (default) — the training presentations: free (recorded anyway), and what the
+  papers use (cartography and AUM average over training epochs); logits are from the
+  forward pass before each update.
+- ``"probe"`` — the probe passes over the fixed tracked subset: evaluation-mode scores at the
+  same moments for every tracked example, at the cost of covering only that subset.
+
+References: Swayamdipta et al. 2020 (cartography), Pleiss et al. 2020 (AUM), Paul et al.
+2021 (EL2N, GraNd; GraNd here is the recorded per-example gradient norm of this one run,
+not an expectation over initialisations).
+"""
+from __future__ import annotations
+
+import numpy as np
+import xarray as xr
+
+from .registry import register_analysis
+from .run import Run
+from .sequences import Sequences, gather, per_example, time_table
+
+
+def _valid(seq: Sequences, name: str) -> tuple[np.ndarray, np.ndarray]:
+    v = seq.scores[name]
+    ok = ~np.isnan(v)
+    return v, ok
+
+
+def _mean_std(seq: Sequences, values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per-example mean and population std (ddof=0), two-pass for accuracy."""
+    ok = ~np.isnan(values)
+    idx, v = seq.index[ok], values[ok].astype(np.float64)
+    n = np.bincount(idx, minlength=seq.num_examples)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        mean = np.bincount(idx, weights=v, minlength=seq.num_examples) / n
+        var = np.bincount(idx, weights=(v - mean[idx]) ** 2, minlength=seq.num_examples) / n
+    return mean, np.sqrt(var)
+
+
+@register_analysis("cartography", needs=("train/logits",))
+def cartography(run: Run, source: str = "train") -> xr.Dataset:
+    """Dataset Cartography: confidence (mean gold-label probability over presentations),
+    variability (its population std) and correctness (fraction correct)."""
+    seq = gather(run, source, scores=("p_gold", "correct"))
+    conf, var = _mean_std(seq, seq.scores["p_gold"])
+    corr, _ = _mean_std(seq, seq.scores["correct"])
+    ds = per_example(seq, {"confidence": conf, "variability": var, "correctness": corr,
+                           "presentations": seq.counts()})
+    ds["confidence"].attrs["long_name"] = "mean gold-label probability over presentations"
+    ds["variability"].attrs["long_name"] = "std (ddof=0) of the gold-label probability"
+    ds["correctness"].attrs["long_name"] = "fraction of presentations classified correctly"
+    return ds
+
+
+@register_analysis("aum", needs=("train/logits",))
+def aum(run: Run, source: str = "train") -> xr.Dataset:
+    """Area Under the Margin: gold logit minus the largest other logit, averaged over
+    presentations (low or negative: likely mislabelled)."""
+    seq = gather(run, source, scores=("margin",))
+    mean, _ = _mean_std(seq, seq.scores["margin"])
+    ds = per_example(seq, {"aum": mean, "presentations": seq.counts()})
+    ds["aum"].attrs["long_name"] = "mean margin (gold logit - largest other logit)"
+    return ds
+
+
+def _at_step(seq: Sequences, name: str, step: int | None) -> tuple[np.ndarray, np.ndarray]:
+    """Each example's score at its latest presentation at or before train step `step`
+    (the end of training when None); also the step it came from (NaN if none)."""
+    values = seq.scores[name]
+    ok = ~np.isnan(values)
+    if step is not None:
+        ok &= seq.step <= step
+    hits = np.flatnonzero(ok)
+    idx = seq.index[hits]
+    last = np.ones(len(idx), dtype=bool)
+    last[:-1] = idx[1:] != idx[:-1]  # sorted by (example, time): last occurrence
+    score = np.full(seq.num_examples, np.nan)
+    at = np.full(seq.num_examples, np.nan)
+    score[idx[last]] = values[hits[last]]
+    at[idx[last]] = seq.step[hits[last]]
+    return score, at
+
+
+def _probe_at(run: Run, step: int | None, probe: int | None) -> int:
+    steps = run.probe["step"].values
+    if probe is not None:
+        if not -len(steps) <= probe < len(steps):
+            raise ValueError(f"probe={probe} out of range: the run has {len(steps)} probe passes")
+        return probe % len(steps)
+    if step is None:
+        return len(steps) - 1
+    before = np.flatnonzero(steps <= step)
+    if not len(before):
+        raise ValueError(f"no probe pass at or before step {step} (first at step {steps.min()})")
+    return int(before[-1])
+
+
+def _score_at(run: Run, name: str, var: str, step, source: str, probe) -> xr.Dataset:
+    if source == "probe":
+        k = _probe_at(run, step, probe)
+        seq = gather(run, "probe", scores=(name,))
+        keep = seq.time == k
+        score = np.full(seq.num_examples, np.nan)
+        score[seq.index[keep]] = seq.scores[name][keep]
+        at = np.full(seq.num_examples, float(run.probe["step"].values[k]))
+        attrs = {"probe": k, "step": int(run.probe["step"].values[k])}
+    else:
+        seq = gather(run, source, scores=(name,))
+        score, at = _at_step(seq, name, step)
+        attrs = {"step": -1 if step is None else int(step)}
+    return per_example(seq, {var: score, "score_step": at}, attrs)
+
+
+@register_analysis("el2n", needs=("train/logits",))
+def el2n(run: Run, step: int | None = None, source: str = "train", probe: int | None = None) -> xr.Dataset:
+    """EL2N: ||softmax(logits) - onehot(target)||_2 at a training step (train source: each
+    example's latest presentation at or before `step`; probe source: the last probe pass at or
+    before `step`, or probe index `probe`). `step=None` means the end of training."""
+    ds = _score_at(run, "el2n", "el2n", step, source, probe)
+    ds["el2n"].attrs["long_name"] = "L2 norm of the error vector softmax - onehot"
+    return ds
+
+
+@register_analysis("grand", needs=("train/grad_norm",))
+def grand(run: Run, step: int | None = None, source: str = "train", probe: int | None = None) -> xr.Dataset:
+    """GraNd: the recorded per-example gradient norm at a step (same selection as `el2n`)."""
+    ds = _score_at(run, "grad_norm", "grand", step, source, probe)
+    ds["grand"].attrs["long_name"] = "per-example loss-gradient norm (recorded grad_norm)"
+    return ds
+
+
+@register_analysis("difficulty", needs=("train/logits",))
+def difficulty(run: Run, source: str = "train") -> xr.Dataset:
+    """Difficulty over time: per (epoch or probe, example) mean loss and 1 - p(gold), plus the
+    per-class and overall means (the average over examples of the per-example values)."""
+    seq = gather(run, source, scores=("loss", "p_gold", "correct"))
+    by = "epoch" if source == "train" else "probe"
+    bins, loss = time_table(seq, seq.scores["loss"], by)
+    _, pg = time_table(seq, seq.scores["p_gold"], by)
+    _, ok = time_table(seq, seq.scores["correct"], by)
+    dims = (by, "example")
+    ds = xr.Dataset({"loss": (dims, loss.astype(np.float32)),
+                     "difficulty": (dims, (1 - pg).astype(np.float32)),
+                     "accuracy": (dims, ok.astype(np.float32))},
+                    coords={by: bins, "example": seq.examples, "target": ("example", seq.target)})
+    if by == "probe":
+        ds = ds.assign_coords(step=("probe", run.probe["step"].values[bins]),
+                              epoch=("probe", run.probe["epoch"].values[bins]))
+    classes = np.arange(run.num_classes or int(seq.target.max()) + 1)
+    onehot = (seq.target[:, None] == classes[None, :]).astype(np.float64)  # (E, K)
+    for var in ("loss", "difficulty", "accuracy"):
+        vals = ds[var].values.astype(np.float64)
+        have = ~np.isnan(vals)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            per_class = (np.where(have, vals, 0) @ onehot) / (have @ onehot)
+        ds[f"class_{var}"] = ((by, "class_id"), per_class.astype(np.float32))
+        ds[f"mean_{var}"] = (by, np.nanmean(np.where(have, vals, np.nan), axis=1).astype(np.float32))
+    names = run.class_names
+    ds = ds.assign_coords(class_id=classes,
+                          class_name=("class_id", [names[c] if c < len(names) else str(c) for c in classes]))
+    ds["difficulty"].attrs["long_name"] = "1 - p(gold label), mean over the epoch's presentations"
+    ds.attrs["source"] = source
+    return ds

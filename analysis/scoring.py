@@ -1,0 +1,77 @@
+"""Scoring example-dynamics statistics against planted ground truth (AUROC).
+
+AUROC is the Mann-Whitney U statistic normalised by n_pos * n_neg: the probability that a
+random positive scores higher than a random negative, ties counting one half. Computed from
+average ranks, so it is O(n log n) and exact with ties.
+"""
+from __future__ import annotations
+
+import numpy as np
+import xarray as xr
+
+from .registry import register_analysis
+from .run import Run
+
+
+def _average_ranks(x: np.ndarray) -> np.ndarray:
+    """Ranks 1..n, ties sharing their average rank (infinities rank like any value)."""
+    order = np.argsort(x, kind="mergesort")
+    xs = x[order]
+    new = np.ones(len(xs), dtype=bool)
+    new[1:] = xs[1:] != xs[:-1]
+    group = np.cumsum(new) - 1
+    starts = np.flatnonzero(new)
+    ends = np.append(starts[1:], len(xs))
+    avg = (starts + ends + 1) / 2.0  # mean of ranks starts+1 .. ends
+    ranks = np.empty(len(xs))
+    ranks[order] = avg[group]
+    return ranks
+
+
+def auroc(scores, labels) -> float:
+    """AUROC of `scores` (higher = more likely positive) for boolean `labels`. NaN scores are
+    dropped; NaN if either class is empty."""
+    s = np.asarray(scores, dtype=np.float64).ravel()
+    y = np.asarray(labels, dtype=bool).ravel()
+    if s.shape != y.shape:
+        raise ValueError(f"scores and labels differ in length: {s.shape} vs {y.shape}")
+    keep = ~np.isnan(s)
+    s, y = s[keep], y[keep]
+    n_pos, n_neg = int(y.sum()), int((~y).sum())
+    if n_pos == 0 or n_neg == 0:
+        return float("nan")
+    r = _average_ranks(s)
+    u = r[y].sum() - n_pos * (n_pos + 1) / 2.0
+    return float(u / (n_pos * n_neg))
+
+
+# name -> (analysis, variable, sign): sign -1 where a *low* value flags a mislabelled example
+DETECTORS = {
+    "forgetting_events": ("forgetting", "forgetting_events", 1),
+    "aum": ("aum", "aum", -1),
+    "confidence": ("cartography", "confidence", -1),
+    "correctness": ("cartography", "correctness", -1),
+    "variability": ("cartography", "variability", 1),
+    "el2n": ("el2n", "el2n", 1),
+}
+
+
+@register_analysis("mislabel_detection", needs=("ground_truth/is_mislabeled", "train/logits"))
+def mislabel_detection(run: Run, source: str = "train") -> xr.Dataset:
+    """AUROC of each example-dynamics score for finding the examples whose label was flipped
+    (ground_truth/is_mislabeled); forgetting counts never-learned examples as infinite."""
+    from .difficulty import aum, cartography, el2n
+    from .forgetting import forgetting
+
+    truth = run.ground_truth["is_mislabeled"].values.astype(bool)
+    results = {"forgetting": forgetting(run, source, never_learned="inf"), "aum": aum(run, source),
+               "cartography": cartography(run, source), "el2n": el2n(run, source=source)}
+    names, values = [], []
+    for name, (analysis, var, sign) in DETECTORS.items():
+        ds = results[analysis]
+        ids = ds["example"].values
+        names.append(name)
+        values.append(auroc(sign * ds[var].values, truth[ids]))
+    out = xr.Dataset({"auroc": ("score", np.array(values))}, coords={"score": names})
+    out.attrs.update(source=source, num_mislabeled=int(truth.sum()), num_examples=int(truth.size))
+    return out
