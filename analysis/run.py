@@ -105,7 +105,9 @@ def _open_group(path: Path, name: str) -> xr.Dataset | None:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         try:
-            return xr.open_zarr(path, group=name, consolidated=None)
+            # never trust consolidated metadata here: it is written at close and goes
+            # stale when results are saved later or a run is still recording
+            return xr.open_zarr(path, group=name, consolidated=False)
         except (FileNotFoundError, KeyError, zarr.errors.GroupNotFoundError):
             return None
 
@@ -179,6 +181,8 @@ def save_result(path: str | Path, name: str, result: xr.Dataset, params: dict) -
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         out.to_zarr(Path(path), group=group, mode="w", consolidated=False)
+        if (Path(path) / "zarr.json").exists() and "consolidated_metadata" in (Path(path) / "zarr.json").read_text():
+            zarr.consolidate_metadata(str(path))  # keep plain xr.open_zarr(path, group=...) in sync
     return group
 
 

@@ -1,0 +1,27 @@
+"""Shared fixtures. Recorded runs are session-scoped: recording is the slow part, and
+every analysis/figure test reads the same store without modifying it."""
+from __future__ import annotations
+
+import os
+
+import pytest
+
+os.environ.setdefault("MPLBACKEND", "Agg")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _few_threads():
+    import torch
+
+    torch.set_num_threads(1)  # CI has 2 cores; tests are tiny, threads only add noise
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory):
+    """A 3-epoch `planted` run (256 train / 128 test examples) with probes and eval passes."""
+    from recorder.driver import TrainConfig, record_run
+
+    out = tmp_path_factory.mktemp("runs") / "tiny.zarr"
+    cfg = TrainConfig(dataset="planted", model="cnn", epochs=3, out=str(out), batch_size=50,
+                      probe_size=64, train_size=256, test_size=128, chunk_steps=4, seed=0)
+    return record_run(cfg, progress=False)
