@@ -49,6 +49,29 @@ def snapshot_key(name: str) -> str:
     return name.replace(".", "__")
 
 
+def bin_lookup(edges: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Tables for binning |g| by its top 16 float32 bits (sign, exponent, 7 mantissa bits).
+
+    For a non-negative float32 x with bucket i = bits(x) >> 16:
+    bin(x) = base[i] + (x >= split[i]), exact, because a bucket spans a relative width of
+    2^-7 and so holds at most one edge (edges are >= 1.3x apart). Bucket 0 holds 0 and the
+    subnormals; its split is the smallest positive float, separating the exact-zero bin.
+    A bucket with no edge inside has split NaN (x >= NaN is never true).
+    """
+    e = np.asarray(edges, dtype=np.float32)
+    if np.any(e[1:] / e[:-1] < 1.01) or e[0] < 2.0 ** -100:
+        raise ValueError("histogram edges must be >= 1.01x apart and >= 2^-100")
+    starts = (np.arange(1 << 15, dtype=np.uint32) << 16).view(np.float32)
+    ends = ((np.arange(1 << 15, dtype=np.uint32) << 16) | 0xFFFF).view(np.float32)
+    base = (np.searchsorted(e, starts, side="right") + (starts > 0)).astype(np.uint8)
+    j = np.searchsorted(e, starts, side="right")       # first edge > start
+    inside = (j < len(e)) & (e[np.minimum(j, len(e) - 1)] <= ends)
+    split = np.where(inside, e[np.minimum(j, len(e) - 1)], np.float32(np.nan)).astype(np.float32)
+    split[0] = np.nextafter(np.float32(0), np.float32(1))
+    base[np.isnan(starts)] = len(e) + 1                # NaN buckets: last bin
+    return base, split
+
+
 class ParamStats:
     """The per-step statistics over a fixed list of parameter tensors (torch only, no store)."""
 
@@ -58,34 +81,33 @@ class ParamStats:
         self.names, self.params = list(names), list(params)
         dev = params[0].device
         self.sizes = [p.numel() for p in params]
-        self.units = [int(p.shape[0]) if p.dim() >= 1 else 1 for p in params]
+        self.units = [int(p.shape[0]) if p.dim() >= 1 and p.numel() else 1 for p in params]
         n, P = sum(self.sizes), len(params)
         self.edges_np = np.asarray(edges, dtype=np.float32)
-        self.edges = torch.as_tensor(self.edges_np, device=dev)
         self.nbins = len(self.edges_np) + 2
-        sizes_t = torch.tensor(self.sizes, device=dev)
-        pid = torch.repeat_interleave(torch.arange(P, device=dev), sizes_t)
-        self.key_hist = pid * self.nbins                  # bincount key offsets
-        self.pid, self.key_rel = pid, pid * (self.nbins + 1)
-        self.param_ends = torch.cumsum(sizes_t, 0) - 1
-        unit_len = [s // u for s, u in zip(self.sizes, self.units)]
-        unit_sizes = torch.tensor([l for l, u in zip(unit_len, self.units) for _ in range(u)], device=dev)
-        self.unit_ends = torch.cumsum(unit_sizes, 0) - 1
+        if self.nbins > 255:
+            raise ValueError(f"at most 253 histogram edges, got {len(self.edges_np)}")
+        base, split = bin_lookup(self.edges_np)
+        self.base, self.split = torch.as_tensor(base, device=dev), torch.as_tensor(split, device=dev)
         self.unit_param = np.repeat(np.arange(P, dtype=np.int32), self.units)
         self.unit_index = np.concatenate([np.arange(u, dtype=np.int32) for u in self.units])
         f32 = dict(dtype=torch.float32, device=dev)
         self.g, self.g_prev = torch.empty(n, **f32), torch.empty(n, **f32)
         self.w, self.w_prev = torch.empty(n, **f32), torch.empty(n, **f32)
-        self.b_prev = torch.empty(n, dtype=torch.int64, device=dev)
+        self.b_prev = self.hist_prev = self.neg_prev = None
         self.has_prev = False
 
     def _views(self, flat: torch.Tensor) -> list[torch.Tensor]:
         return [v.view(p.shape) for v, p in zip(torch.split(flat, self.sizes), self.params)]
 
-    @staticmethod
-    def _segment_counts(mask: torch.Tensor, ends: torch.Tensor) -> torch.Tensor:
-        c = torch.cumsum(mask, 0)[ends]
-        return torch.diff(c, prepend=c.new_zeros(1))
+    def bins(self, a: torch.Tensor) -> torch.Tensor:
+        """Bin index (uint8) of each |g| in `a` (float32, non-negative)."""
+        i = (a.view(torch.int32) >> 16).long()
+        return self.base.index_select(0, i).add_(a >= self.split.index_select(0, i))
+
+    def _hist(self, b: torch.Tensor) -> torch.Tensor:
+        nb = self.nbins
+        return torch.stack([torch.bincount(s, minlength=nb) for s in torch.split(b, self.sizes)])
 
     @torch.no_grad()
     def capture(self) -> dict:
@@ -99,34 +121,32 @@ class ParamStats:
         if have:
             torch._foreach_copy_([a for a, _ in have], [b.detach() for _, b in have])
         torch._foreach_copy_(w_views, [p.detach() for p in self.params])
-        g, P, nb = self.g, len(self.params), self.nbins
-        a = g.abs()
-        nz = a != 0
-        b = torch.bucketize(a, self.edges, right=True)
-        b += nz
+        g = self.g
+        b = self.bins(g.abs())
+        nz, neg = b.bool(), g < 0
+        hist = self._hist(b)
         row = {
             "grad_norm": torch.stack(torch._foreach_norm(g_views)),
             "param_norm": torch.stack(torch._foreach_norm(w_views)),
-            "grad_hist": torch.bincount(self.key_hist + b, minlength=P * nb).view(P, nb).to(torch.int32),
-            "unit_zero": self._segment_counts(nz, self.unit_ends) == 0,
+            "grad_hist": hist.to(torch.int32),
+            "unit_zero": torch.cat([~s.view(u, -1).any(1) for s, u in
+                                    zip(torch.split(nz, self.sizes), self.units)]),
         }
         if self.has_prev:
-            gp = self.g_prev
-            flip = (torch.signbit(g) ^ torch.signbit(gp)) & nz & (self.b_prev != 0)
-            row["sign_flips"] = self._segment_counts(flip, self.param_ends)
-            up = b > self.b_prev
-            key, lo, hi = self.key_rel[up], self.b_prev[up], b[up]
-            m = P * (nb + 1)
-            diff = torch.bincount(key + lo + 1, minlength=m) - torch.bincount(key + hi + 1, minlength=m)
-            # released[k] = #{ |g_prev| < e_k <= |g| } = #{ b_prev < k + 2 <= b }
-            row["released"] = diff.view(P, nb + 1).cumsum(1)[:, 2:nb].to(torch.int32)
+            bp = self.b_prev
+            # a sign flip: both nonzero and of opposite signs (zeros never flip)
+            flip = (neg ^ self.neg_prev).logical_and_(nz).logical_and_(bp.bool())
+            row["sign_flips"] = torch.stack([torch.count_nonzero(x) for x in torch.split(flip, self.sizes)])
+            # released[k] = #{|g_prev| < e_k <= |g|} = #{b_prev < k+2} - #{max(b_prev, b) < k+2}
+            both = self._hist(torch.maximum(bp, b))
+            row["released"] = (self.hist_prev.cumsum(1) - both.cumsum(1))[:, 1:self.nbins - 1].to(torch.int32)
             dw = torch._foreach_sub(w_views, self._views(self.w_prev))
-            dg = torch._foreach_sub(g_views, self._views(gp))
+            dg = torch._foreach_sub(g_views, self._views(self.g_prev))
             row["weight_diff_norm"] = torch.stack(torch._foreach_norm(dw))
             row["secant_dot"] = torch.stack([torch.vdot(x.reshape(-1), y.reshape(-1)) for x, y in zip(dg, dw)])
         self.g, self.g_prev = self.g_prev, self.g
         self.w, self.w_prev = self.w_prev, self.w
-        self.b_prev = b
+        self.b_prev, self.hist_prev, self.neg_prev = b, hist, neg
         self.has_prev = True
         return row
 
