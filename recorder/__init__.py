@@ -1,8 +1,9 @@
 """Recording side of dynascope (depends on torch): hooks a training loop and writes a
 run store (docs/STORE.md). `analysis` and `figures` read it back without torch."""
 from .extensions import ArraySpec, BatchContext, Extension, register_extension
+from .indexed import IndexedDataset
 from .recorder import Recorder, StepContext
 from .store import StoreExistsError
 
-__all__ = ["Recorder", "StepContext", "StoreExistsError", "Extension", "ArraySpec",
+__all__ = ["Recorder", "IndexedDataset", "StepContext", "StoreExistsError", "Extension", "ArraySpec",
            "BatchContext", "register_extension"]

@@ -23,6 +23,10 @@ KEYWORDS = {
 # an extension is built when its enabling keyword is truthy
 ENABLING = {"gradients": ("grad_norms", "grad_projection"), "params": ("param_stats",),
             "activations": ("activations",)}
+# constructor arguments the keywords imply when omitted (asking for norms only must not
+# switch projections on), and keyword defaults: parameter statistics are cheap, so on
+DEFAULT_ARGS = {"gradients": {"norms": False, "projection_dim": None}}
+DEFAULT_KEYWORDS = {"param_stats": True}
 
 
 def build(options: dict, registry: dict) -> list:
@@ -30,7 +34,8 @@ def build(options: dict, registry: dict) -> list:
     if unknown:
         raise TypeError(f"Recorder got unknown keyword(s) {sorted(unknown)}; "
                         f"known: {sorted(KEYWORDS)}")
-    kwargs: dict[str, dict] = {}
+    options = {**DEFAULT_KEYWORDS, **options}
+    kwargs: dict[str, dict] = {name: dict(args) for name, args in DEFAULT_ARGS.items()}
     for key, value in options.items():
         name, module, arg = KEYWORDS[key]
         kwargs.setdefault(name, {})
@@ -44,5 +49,5 @@ def build(options: dict, registry: dict) -> list:
         importlib.import_module(module)
         if name not in registry:
             raise RuntimeError(f"extension '{name}' is not available in this installation")
-        built.append(registry[name](**{k: v for k, v in kwargs[name].items() if v is not None}))
+        built.append(registry[name](**kwargs[name]))
     return built
