@@ -29,7 +29,7 @@ def test_builtin_model_eval_mode_matches_vmap(name, shape, B):
 
 def test_cnn_default_layout():
     model = build_model("cnn", 10, (3, 32, 32))
-    meta = GradientExtension().attach_model(model).metadata()
+    meta = GradientExtension(projection_dim=True).attach_model(model).metadata()
     assert meta["layer_names"] == ["conv1", "conv2", "fc1", "fc2"]
     assert [l["proj_dims"] for l in meta["layers"]] == [[16, 16], [16, 16], [16, 16], [10, 25]]
     assert meta["batchnorm_train_mode_coupling"] is False

@@ -23,6 +23,7 @@ from ..extensions import ArraySpec, BatchContext, Extension, register_extension
 from .projection import allocate_dims, gaussian_matrix, split_dims
 from .rules import find_rule
 
+DEFAULT_PROJECTION_DIM = 1024
 PASS_GROUPS = {"train": ("step", "slot"), "probe": ("probe", "example")}
 
 
@@ -51,17 +52,21 @@ class GradientExtension(Extension):
     """Per-example gradient norms (total and per layer) and projections.
 
     norms: record exact norms. projection_dim: total sketch size split equally over the
-    covered layers (int), per-layer sizes ({layer name: dim}), or None for no projection.
+    covered layers (int; True means DEFAULT_PROJECTION_DIM), per-layer sizes
+    ({layer name: dim}), or None / 0 for no projection (the default, so that
+    `Recorder(grad_norms=True)` records norms only).
     seed: seeds every projection matrix together with the layer name. layers: module names
     or fnmatch patterns to cover (default: every supported module with trainable params).
     """
 
     needs_backward = True
 
-    def __init__(self, norms: bool = True, projection_dim: int | dict | None = 1024, seed: int = 0,
-                 layers: list[str] | None = None):
+    def __init__(self, norms: bool = True, projection_dim: int | dict | bool | None = None,
+                 seed: int = 0, layers: list[str] | None = None):
         self.norms = bool(norms)
-        self.projection_dim = projection_dim
+        if projection_dim is True:
+            projection_dim = DEFAULT_PROJECTION_DIM
+        self.projection_dim = projection_dim or None
         self.seed = int(seed)
         self.layer_patterns = list(layers) if layers else None
         self.layers: list[_Layer] = []

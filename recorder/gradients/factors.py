@@ -46,7 +46,15 @@ class Dense:
 
     def project(self, m: torch.Tensor) -> torch.Tensor:
         """(B, T, k) = factor @ m^T for m of shape (k, n)."""
-        return torch.matmul(self.t, m.t())
+        return _project(self.t, m)
+
+
+def _project(t: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+    """t @ m^T, computed as m @ t^T when t is a transposed (B, n, T) buffer (conv layouts),
+    so BLAS reads memory in order; the result may be a transposed view."""
+    if t.shape[1] > 1 and t.transpose(1, 2).is_contiguous():
+        return torch.matmul(m, t.transpose(1, 2)).transpose(1, 2)
+    return torch.matmul(t, m.t())
 
 
 class OneHot:
@@ -68,15 +76,18 @@ class OneHot:
 
 
 class Patches:
-    """Right factor of a convolution: unfolded input patches (plus a ones column for the
-    bias), produced lazily. Projection is a convolution of the input with R reshaped as a
-    (k, C, kh, kw) kernel, so patches are only unfolded when a norm needs them."""
+    """Right factor of a convolution: input patches (plus a ones row for the bias), built
+    lazily. Projection is a convolution of the input with R reshaped as a (k, C, kh, kw)
+    kernel, so patches are only built when a norm needs them. Patches are gathered with one
+    strided copy into a (B, C*kh*kw [+1], T) buffer (F.unfold is several times slower on
+    CPU) and returned as a transposed (B, T, n) view."""
 
-    def __init__(self, x: torch.Tensor, kernel, stride, dilation, with_weight: bool,
-                 with_bias: bool, unfold: Callable, conv: Callable):
+    def __init__(self, x: torch.Tensor, kernel, stride, dilation, padding, with_weight: bool,
+                 with_bias: bool, conv: Callable):
         self.x, self.kernel, self.stride, self.dilation = x, kernel, stride, dilation
+        self.padding = padding
         self.with_weight, self.with_bias = with_weight, with_bias
-        self._unfold, self._conv = unfold, conv
+        self._conv = conv
         self._dense = None
 
     @property
@@ -86,21 +97,33 @@ class Patches:
 
     def dense(self) -> torch.Tensor:
         if self._dense is None:
-            p = self._unfold(self.x)  # (B, C*k, T)
-            parts = [p.transpose(1, 2)] if self.with_weight else []
+            (kh, kw), (sh, sw), (dh, dw), (ph, pw) = self.kernel, self.stride, self.dilation, self.padding
+            x = F.pad(self.x, (pw, pw, ph, ph)) if (ph or pw) else self.x
+            v = x.unfold(2, (kh - 1) * dh + 1, sh).unfold(3, (kw - 1) * dw + 1, sw)
+            v = v[..., ::dh, ::dw]  # (B, C, H', W', kh, kw), a view
+            B, C, Ho, Wo = v.shape[:4]
+            n = C * kh * kw if self.with_weight else 0
+            out = torch.empty(B, n + int(self.with_bias), Ho * Wo, dtype=x.dtype, device=x.device)
+            if self.with_weight:
+                out[:, :n].view(B, C, kh, kw, Ho, Wo).copy_(v.permute(0, 1, 4, 5, 2, 3))
             if self.with_bias:
-                parts.append(p.new_ones(p.shape[0], p.shape[2], 1))
-            self._dense = torch.cat(parts, 2) if len(parts) > 1 else parts[0]
-        return self._dense
+                out[:, n].fill_(1.0)
+            self._dense = out
+        return self._dense.transpose(1, 2)
 
     def project(self, m: torch.Tensor) -> torch.Tensor:
-        if self._dense is not None or not self.with_weight:
-            return torch.matmul(self.dense(), m.t())
+        if not self.with_weight:
+            return _project(self.dense(), m)
         k = m.shape[0]
         w = m[:, : m.shape[1] - int(self.with_bias)].reshape(k, self.x.shape[1], *self.kernel)
         b = m[:, -1].contiguous() if self.with_bias else None
         y = self._conv(self.x, w.contiguous(), b)  # (B, k, *spatial)
         return y.flatten(2).transpose(1, 2)
+
+
+def _cat(ts: list) -> torch.Tensor:
+    """Concatenate over positions; a single call keeps its (possibly transposed) layout."""
+    return ts[0] if len(ts) == 1 else torch.cat(ts, 1)
 
 
 @dataclass
@@ -120,8 +143,8 @@ class Factored:
         return self._direct()
 
     def _direct(self) -> torch.Tensor:
-        u = torch.cat([l.dense() for l, _ in self.calls], 1)
-        v = torch.cat([r.dense() for _, r in self.calls], 1)
+        u = _cat([l.dense() for l, _ in self.calls])
+        v = _cat([r.dense() for _, r in self.calls])
         if u.shape[1] == 1:
             return u.square().sum((1, 2)) * v.square().sum((1, 2))
         out = []
@@ -131,13 +154,13 @@ class Factored:
         return torch.cat(out)
 
     def _ghost(self, T: int) -> torch.Tensor:
-        v = torch.cat([r.dense() for _, r in self.calls], 1)
+        v = _cat([r.dense() for _, r in self.calls])
         lefts = [l for l, _ in self.calls]
         if all(isinstance(l, OneHot) for l in lefts):
             idx = torch.cat([l.idx for l in lefts], 1)
             u = None
         else:
-            u = torch.cat([l.dense() for l in lefts], 1)
+            u = _cat([l.dense() for l in lefts])
         out = []
         for s in _chunks(v.shape[0], T * T):
             gv = torch.bmm(v[s], v[s].transpose(1, 2))

@@ -125,14 +125,11 @@ class ConvRule(Rule):
         for x, g, _ in calls:
             x, kernel, stride, dil, pad = self._geometry(module, x.float())
 
-            def unfold(t, kernel=kernel, stride=stride, dil=dil, pad=pad):
-                return F.unfold(t, kernel, dilation=dil, padding=pad, stride=stride)
-
             def conv(t, w, b, stride=stride, dil=dil, pad=pad):
                 return F.conv2d(t, w, b, stride=stride, padding=pad, dilation=dil)
 
-            u = g.float().flatten(2).transpose(1, 2)  # (B, T, out)
-            right = Patches(x, kernel, stride, dil, "weight" in params, "bias" in params, unfold, conv)
+            u = g.float().flatten(2).transpose(1, 2)  # (B, T, out) view of (B, out, T)
+            right = Patches(x, kernel, stride, dil, pad, "weight" in params, "bias" in params, conv)
             pairs.append((Dense(u), right))
         return Factored(pairs, *self.shape(module, params))
 
