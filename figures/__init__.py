@@ -9,6 +9,7 @@ from .style import PALETTE, save_figure, style
 # Figure modules register themselves on import (one line each).
 from . import curves  # noqa: F401,E402
 from . import dynamics  # noqa: F401,E402  example dynamics (issue 5)
+from . import features, augmentation  # noqa: F401,E402  feature signals (issue 6)
 from .render import render_all, render_figure  # noqa: E402
 
 __all__ = ["FIGURES", "available_figures", "register_figure", "PALETTE", "save_figure",
