@@ -1,0 +1,108 @@
+"""Opposition to the majority: the cosine between each example's gradient and the mean
+gradient of everyone else in its batch (train) or in the probe set (probe).
+
+The leave-one-out mean m_{-i} = (sum_j g_j - g_i) / (n - 1) is what the other examples
+push the model towards; an example with cos(g_i, m_{-i}) < threshold is fighting that
+step. Projections are linear, so the projected mean is the projection of the mean.
+"""
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import xarray as xr
+
+from ..registry import register_analysis
+from ..run import Run
+from .data import gradient_group, probe_slice, probe_times, train_chunks
+
+
+def loo_cosine(G: np.ndarray, valid: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """cos(g_i, leave-one-out mean) along axis -2 of G (..., n, D); NaN where invalid.
+
+    Also returns cos(g_i, full mean) - the alignment with the step actually taken.
+    """
+    G = np.where(valid[..., None], G, 0).astype(np.float64)
+    n = valid.sum(-1, keepdims=True)
+    total = G.sum(-2, keepdims=True)
+    loo = (total - G) / np.maximum(n - 1, 1)[..., None]
+    gn = np.linalg.norm(G, axis=-1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        c_loo = np.einsum("...d,...d->...", G, loo) / (gn * np.linalg.norm(loo, axis=-1))
+        c_all = np.einsum("...d,...d->...", G, total) / (gn * np.linalg.norm(total, axis=-1))
+    bad = ~valid | (n < 2) | (gn == 0)
+    return np.where(bad, np.nan, c_loo), np.where(bad, np.nan, c_all)
+
+
+@register_analysis("majority_opposition", needs=("probe/grad_proj",))
+def majority_opposition(run: Run, source: str = "train", threshold: float = 0.0,
+                        probes=None, steps=None) -> xr.Dataset:
+    """Per example and over time: cosine to the others' mean gradient; who opposes it.
+
+    threshold: an example opposes the majority when its cosine is below it (0: any
+    component against the mean step).
+    """
+    ds = gradient_group(run, source)
+    if source == "probe":
+        times = probe_times(ds, probes)
+        ids = np.asarray(ds["example_id"].values)
+        cos = np.full((len(times), len(ids)), np.nan)
+        cos_all = np.full_like(cos, np.nan)
+        mean_norm = np.zeros(len(times))
+        for t, p in enumerate(times):
+            G, _ = probe_slice(ds, int(p))
+            ok = np.isfinite(G).all(1)
+            cos[t], cos_all[t] = loo_cosine(G, ok)
+            mean_norm[t] = np.linalg.norm(np.where(ok[:, None], G, 0).sum(0) / max(ok.sum(), 1))
+        dims = ("probe", "example")
+        out = xr.Dataset({"cosine": (dims, cos.astype(np.float32)),
+                          "cosine_to_mean": (dims, cos_all.astype(np.float32))},
+                         coords={"probe": times, "step": ("probe", np.asarray(ds["step"].values)[times]),
+                                 "example_id": ("example", ids)})
+        opp = cos < threshold
+        with np.errstate(invalid="ignore", divide="ignore"), warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            per_ex = xr.Dataset({
+                "mean_cosine": ("example", np.nanmean(cos, 0).astype(np.float32)),
+                "example_opposing_fraction": ("example", (opp.sum(0) / np.isfinite(cos).sum(0)).astype(np.float32))})
+    else:
+        times = np.arange(ds.sizes["step"]) if steps is None else np.asarray(steps)
+        parts, mean_norm = [], []
+        for idx, G, valid, ids, tgt, mag in train_chunks(ds, times):
+            c, call = loo_cosine(G, valid)
+            parts.append((c, call, ids))
+            m = np.where(valid[..., None], G, 0).sum(1) / np.maximum(valid.sum(1), 1)[:, None]
+            mean_norm.append(np.linalg.norm(m, axis=1))
+        cos = np.concatenate([p[0] for p in parts])
+        cos_all = np.concatenate([p[1] for p in parts])
+        ids = np.concatenate([p[2] for p in parts])
+        mean_norm = np.concatenate(mean_norm)
+        dims = ("step", "slot")
+        out = xr.Dataset({"cosine": (dims, cos.astype(np.float32)),
+                          "cosine_to_mean": (dims, cos_all.astype(np.float32))},
+                         coords={"step": times, "example_id": (dims, ids)})
+        per_ex = _per_example(cos, ids, threshold)
+        opp = cos < threshold
+    n_valid = np.isfinite(cos).sum(1)
+    out["opposes"] = (dims, opp)
+    out["opposing_fraction"] = (dims[0], (opp.sum(1) / np.maximum(n_valid, 1)).astype(np.float32))
+    out["mean_gradient_norm"] = (dims[0], np.asarray(mean_norm, dtype=np.float32))
+    out = out.merge(per_ex)
+    out.attrs = {"source": source, "params": {"threshold": threshold},
+                 "description": __doc__.split("\n\n")[1].replace("\n", " ")}
+    return out
+
+
+def _per_example(cos, ids, threshold) -> xr.Dataset:
+    """Mean cosine and fraction of presentations opposing, per example id (coordinate
+    `example`), by segmented sums."""
+    ok = np.isfinite(cos) & (ids >= 0)
+    e, c = ids[ok], cos[ok]
+    uniq, inv = np.unique(e, return_inverse=True)
+    n = np.bincount(inv, minlength=len(uniq))
+    mean = np.bincount(inv, weights=c, minlength=len(uniq)) / np.maximum(n, 1)
+    frac = np.bincount(inv, weights=(c < threshold), minlength=len(uniq)) / np.maximum(n, 1)
+    return xr.Dataset({"mean_cosine": ("example", mean.astype(np.float32)),
+                       "example_opposing_fraction": ("example", frac.astype(np.float32)),
+                       "presentations": ("example", n)},
+                      coords={"example": uniq})
