@@ -12,6 +12,7 @@ from .curves import class_curves, epoch_curves, loss_change, loss_trajectories  
 from .dynamics_api import *  # noqa: F401,F403,E402  example dynamics (issue 5)
 from . import features, augmentation  # noqa: F401,E402  feature signals (issue 6)
 from .opposing import majority_opposition, opposing_groups, opposing_pairs  # noqa: F401,E402  opposing signals (issue 4)
+from .gradient_dynamics import gradient_dynamics, gradient_signs  # noqa: F401,E402  optimization insight (issue 7)
 
 __all__ = [
     "Run", "RunError", "open_run", "save_result", "load_result", "saved_results",
