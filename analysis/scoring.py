@@ -51,7 +51,6 @@ DETECTORS = {
     "aum": ("aum", "aum", -1),
     "confidence": ("cartography", "confidence", -1),
     "correctness": ("cartography", "correctness", -1),
-    "variability": ("cartography", "variability", 1),
     "el2n": ("el2n", "el2n", 1),
 }
 
