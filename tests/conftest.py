@@ -25,3 +25,16 @@ def tiny_run(tmp_path_factory):
     cfg = TrainConfig(dataset="planted", model="cnn", epochs=3, out=str(out), batch_size=50,
                       probe_size=64, train_size=256, test_size=128, chunk_steps=4, seed=0)
     return record_run(cfg, progress=False)
+
+
+@pytest.fixture(scope="session")
+def planted_noisy_run(tmp_path_factory):
+    """A 12-epoch `planted` run (500 train examples, 10% flipped labels, ground truth and
+    thumbnails recorded): long enough for mislabel-detection scores (~6-10 s on 1 CPU)."""
+    from recorder.driver import TrainConfig, record_run
+
+    out = tmp_path_factory.mktemp("runs") / "planted_noisy.zarr"
+    cfg = TrainConfig(dataset="planted", model="cnn", epochs=12, out=str(out), batch_size=50,
+                      probe_size=100, train_size=500, test_size=200, chunk_steps=16, seed=0,
+                      param_stats=False, dataset_options={"label_noise": 0.1})
+    return record_run(cfg, progress=False)

@@ -61,6 +61,7 @@ def write_run(path, *, example_id, target, logits, epoch, loss=None, num_classes
     _array(tr, "logits", logits, ("step", "slot", "class"))
     _array(tr, "epoch", np.asarray(epoch, np.int32), ("step",))
     _array(tr, "batch_loss", np.nanmean(loss, axis=1).astype(np.float32), ("step",))
+    _array(tr, "lr", np.full(example_id.shape[0], 0.1), ("step",))
     if grad_norm is not None:
         _array(tr, "grad_norm", np.where(pad, np.nan, grad_norm).astype(np.float32), ("step", "slot"))
     for name, spec in (("probe", probe), ("eval", eval)):
@@ -130,3 +131,49 @@ def sequences_run(path, sequences: dict[int, list[int]], num_classes: int = 3, s
     logits = logits_for(np.array(rows_c, bool), targets, num_classes)
     return write_run(path, example_id=example_id, target=targets, logits=logits,
                      epoch=np.array(rows_ep), num_classes=num_classes, **kw)
+
+
+def learning_run(path, n: int = 40, epochs: int = 6, num_classes: int = 4, slots: int = 8,
+                 flipped=(3, 17), seed: int = 0, images: bool = True) -> Path:
+    """A run that 'learns': the gold logit grows with the epoch, except for the `flipped`
+    examples (their label was flipped: gold logit falls). Has probe (every other example),
+    eval, ground truth and thumbnails, so every example-dynamics figure can render."""
+    rng = np.random.default_rng(seed)
+    clean = np.arange(n) % num_classes
+    target = clean.copy()
+    flipped = np.asarray(flipped, int)
+    target[flipped] = (clean[flipped] + 1) % num_classes
+    rows, eps = [], []
+    for e in range(epochs):
+        perm = list(rng.permutation(n)) + [-1] * (-n % slots)
+        rows += [perm[i:i + slots] for i in range(0, len(perm), slots)]
+        eps += [e] * (len(perm) // slots)
+    ids = np.array(rows)
+    ep = np.array(eps)
+
+    def logits_at(ex, e, tgt):
+        z = rng.normal(0, 1, np.shape(ex) + (num_classes,)).astype(np.float32)
+        gain = np.where(np.isin(ex, flipped), -0.6, 0.8) * e
+        np.put_along_axis(z, np.clip(tgt, 0, None)[..., None],
+                          np.take_along_axis(z, np.clip(tgt, 0, None)[..., None], -1) + gain[..., None], -1)
+        return z
+
+    tgt = np.where(ids >= 0, target[np.clip(ids, 0, None)], -1)
+    logits = logits_at(ids, ep[:, None], tgt)
+    pid = np.arange(0, n, 2)
+    plog = np.stack([logits_at(pid, e, target[pid]) for e in range(epochs + 1)])
+    eid = np.arange(20)
+    elog = np.stack([logits_at(np.full(20, -5), e, eid % num_classes) for e in range(epochs + 1)])
+    steps_per_epoch = len(rows) // epochs
+    probe_steps = np.arange(epochs + 1) * steps_per_epoch
+    kw = {}
+    if images:
+        kw["images"] = rng.integers(0, 255, (n, 8, 8, 3)).astype(np.uint8)
+    return write_run(
+        path, example_id=ids, target=tgt, logits=logits, epoch=ep, num_classes=num_classes,
+        probe={"example_id": pid, "target": target[pid], "logits": plog, "step": probe_steps,
+               "epoch": np.arange(-1, epochs)},
+        eval={"example_id": eid, "target": eid % num_classes, "logits": elog, "step": probe_steps,
+              "epoch": np.arange(-1, epochs)},
+        ground_truth={"is_mislabeled": np.isin(np.arange(n), flipped), "clean_target": clean,
+                      "has_planted_feature": np.zeros(n, bool)}, **kw)
