@@ -189,3 +189,26 @@ def test_jl_projection_is_unbiased():
         t = torch.tensor(samples, dtype=torch.float64)
         se = t.std().item() / math.sqrt(len(t))
         assert abs(t.mean().item() - truth) < 4 * se + 1e-9, (t.mean().item(), truth, se)
+
+
+def test_example_chunking_gives_the_same_norms(monkeypatch):
+    """Large layers are processed in example chunks (bounded memory); force tiny chunks."""
+    import recorder.gradients.factors as factors
+    monkeypatch.setattr(factors, "CHUNK_ELEMS", 50)
+    torch.manual_seed(7)
+    m = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 36, 3))
+    check(m, torch.randn(7, 3, 6, 6), torch.randint(0, 3, (7,)), projection_dim=32)
+    check(Twice(), torch.randn(5, 3, 5, 5), torch.randint(0, 4, (5,)), projection_dim=32)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_matches_cpu():
+    torch.manual_seed(8)
+    m = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 36, 3))
+    x, y = torch.randn(5, 3, 6, 6), torch.randint(0, 3, (5,))
+    cpu = record(m, GradientExtension(projection_dim=32).attach_model(m), x, y)
+    m.zero_grad()
+    m = m.cuda()
+    gpu = record(m, GradientExtension(projection_dim=32).attach_model(m), x.cuda(), y.cuda())
+    for k in cpu:
+        assert rel_err(gpu[k].cpu(), cpu[k]) < 1e-4, k

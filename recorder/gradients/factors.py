@@ -44,6 +44,9 @@ class Dense:
     def dense(self) -> torch.Tensor:
         return self.t
 
+    def rows(self, s: slice) -> torch.Tensor:
+        return self.t[s]
+
     def project(self, m: torch.Tensor) -> torch.Tensor:
         """(B, T, k) = factor @ m^T for m of shape (k, n)."""
         return _project(self.t, m)
@@ -71,6 +74,9 @@ class OneHot:
     def dense(self) -> torch.Tensor:  # only used by tests / tiny vocabularies
         return F.one_hot(self.idx, self.n).float()
 
+    def rows(self, s: slice) -> torch.Tensor:
+        return F.one_hot(self.idx[s], self.n).float()
+
     def project(self, m: torch.Tensor) -> torch.Tensor:
         return m.t()[self.idx]  # (B, T, k)
 
@@ -97,19 +103,28 @@ class Patches:
 
     def dense(self) -> torch.Tensor:
         if self._dense is None:
-            (kh, kw), (sh, sw), (dh, dw), (ph, pw) = self.kernel, self.stride, self.dilation, self.padding
-            x = F.pad(self.x, (pw, pw, ph, ph)) if (ph or pw) else self.x
-            v = x.unfold(2, (kh - 1) * dh + 1, sh).unfold(3, (kw - 1) * dw + 1, sw)
-            v = v[..., ::dh, ::dw]  # (B, C, H', W', kh, kw), a view
-            B, C, Ho, Wo = v.shape[:4]
-            n = C * kh * kw if self.with_weight else 0
-            out = torch.empty(B, n + int(self.with_bias), Ho * Wo, dtype=x.dtype, device=x.device)
-            if self.with_weight:
-                out[:, :n].view(B, C, kh, kw, Ho, Wo).copy_(v.permute(0, 1, 4, 5, 2, 3))
-            if self.with_bias:
-                out[:, n].fill_(1.0)
-            self._dense = out
+            self._dense = self._build(self.x)
         return self._dense.transpose(1, 2)
+
+    def rows(self, s: slice) -> torch.Tensor:
+        """Patches of examples `s` only (bounded memory for large layers)."""
+        if self._dense is not None:
+            return self._dense[s].transpose(1, 2)
+        return self._build(self.x[s]).transpose(1, 2)
+
+    def _build(self, x: torch.Tensor) -> torch.Tensor:
+        (kh, kw), (sh, sw), (dh, dw), (ph, pw) = self.kernel, self.stride, self.dilation, self.padding
+        x = F.pad(x, (pw, pw, ph, ph)) if (ph or pw) else x
+        v = x.unfold(2, (kh - 1) * dh + 1, sh).unfold(3, (kw - 1) * dw + 1, sw)
+        v = v[..., ::dh, ::dw]  # (B, C, H', W', kh, kw), a view
+        B, C, Ho, Wo = v.shape[:4]
+        n = C * kh * kw if self.with_weight else 0
+        out = torch.empty(B, n + int(self.with_bias), Ho * Wo, dtype=x.dtype, device=x.device)
+        if self.with_weight:
+            out[:, :n].view(B, C, kh, kw, Ho, Wo).copy_(v.permute(0, 1, 4, 5, 2, 3))
+        if self.with_bias:
+            out[:, n].fill_(1.0)
+        return out
 
     def project(self, m: torch.Tensor) -> torch.Tensor:
         if not self.with_weight:
@@ -135,41 +150,48 @@ class Factored:
     in_features: int
 
     def sq_norm(self) -> torch.Tensor:
-        lefts = [l for l, _ in self.calls]
-        onehot = any(isinstance(l, OneHot) for l in lefts)
-        T = sum((l.idx if isinstance(l, OneHot) else l.t).shape[1] for l in lefts)
+        onehot = any(isinstance(l, OneHot) for l, _ in self.calls)
+        T = sum(self._positions(l) for l, _ in self.calls)
         if onehot or T * (self.out_features + self.in_features) < self.out_features * self.in_features:
             return self._ghost(T)
         return self._direct()
 
     def _direct(self) -> torch.Tensor:
-        u = _cat([l.dense() for l, _ in self.calls])
-        v = _cat([r.dense() for _, r in self.calls])
-        if u.shape[1] == 1:
-            return u.square().sum((1, 2)) * v.square().sum((1, 2))
+        B = self._batch()
+        T = sum(self._positions(l) for l, _ in self.calls)
         out = []
-        for s in _chunks(u.shape[0], self.out_features * self.in_features):
-            g = torch.bmm(u[s].transpose(1, 2), v[s])
-            out.append(g.square().sum((1, 2)))
+        per_example = max(self.out_features * self.in_features, T * (self.out_features + self.in_features))
+        for s in _chunks(B, per_example):
+            u = _cat([l.rows(s) for l, _ in self.calls])
+            v = _cat([r.rows(s) for _, r in self.calls])
+            if u.shape[1] == 1:
+                out.append(u.square().sum((1, 2)) * v.square().sum((1, 2)))
+            else:
+                out.append(torch.bmm(u.transpose(1, 2), v).square().sum((1, 2)))
         return torch.cat(out)
 
     def _ghost(self, T: int) -> torch.Tensor:
-        v = _cat([r.dense() for _, r in self.calls])
-        lefts = [l for l, _ in self.calls]
-        if all(isinstance(l, OneHot) for l in lefts):
-            idx = torch.cat([l.idx for l in lefts], 1)
-            u = None
-        else:
-            u = _cat([l.dense() for l in lefts])
+        onehot = all(isinstance(l, OneHot) for l, _ in self.calls)
         out = []
-        for s in _chunks(v.shape[0], T * T):
-            gv = torch.bmm(v[s], v[s].transpose(1, 2))
-            if u is None:
-                gu = (idx[s, :, None] == idx[s, None, :]).to(gv.dtype)
+        for s in _chunks(self._batch(), T * T + T * (self.out_features + self.in_features)):
+            v = _cat([r.rows(s) for _, r in self.calls])
+            gv = torch.bmm(v, v.transpose(1, 2))
+            if onehot:
+                idx = torch.cat([l.idx[s] for l, _ in self.calls], 1)
+                gu = (idx[:, :, None] == idx[:, None, :]).to(gv.dtype)
             else:
-                gu = torch.bmm(u[s], u[s].transpose(1, 2))
+                u = _cat([l.rows(s) for l, _ in self.calls])
+                gu = torch.bmm(u, u.transpose(1, 2))
             out.append((gu * gv).sum((1, 2)))
         return torch.cat(out)
+
+    def _batch(self) -> int:
+        left = self.calls[0][0]
+        return (left.idx if isinstance(left, OneHot) else left.t).shape[0]
+
+    @staticmethod
+    def _positions(left) -> int:
+        return (left.idx if isinstance(left, OneHot) else left.t).shape[1]
 
     def project(self, L: torch.Tensor, R: torch.Tensor) -> torch.Tensor:
         """(B, k_out * k_in): vec(L G_i R^T), row-major."""
