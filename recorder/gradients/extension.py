@@ -11,6 +11,7 @@ example's own loss. Examples with w_i == 0 get NaN (their gradient was never com
 """
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 import functools
 import warnings
@@ -25,6 +26,18 @@ from .rules import find_rule
 
 DEFAULT_PROJECTION_DIM = 1024
 PASS_GROUPS = {"train": ("step", "slot"), "probe": ("probe", "example")}
+
+
+@contextlib.contextmanager
+def _full_float32():
+    """No TF32 in our own products (cuDNN convolutions allow it by default on Ampere+)."""
+    matmul = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        with torch.backends.cudnn.flags(enabled=torch.backends.cudnn.enabled, allow_tf32=False):
+            yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = matmul
 
 
 @dataclass
@@ -248,7 +261,7 @@ class GradientExtension(Extension):
         sq = torch.zeros(batch_size, len(self.layers))
         proj = torch.zeros(batch_size, self.proj_total) if self.proj_total else None
         with torch.autocast("cuda", enabled=False), torch.autocast("cpu", enabled=False), \
-                torch.no_grad():
+                torch.no_grad(), _full_float32():
             for j, layer in enumerate(self.layers):
                 calls = [c for c in layer.calls if c[1] is not None]
                 if not calls:
