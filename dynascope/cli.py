@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -14,7 +15,8 @@ USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, TypeError, FileExist
 
 
 def user_errors(func):
-    """Turn expected failures into one clear line on stderr (exit 1), not a traceback."""
+    """Turn expected failures into one clear line on stderr (exit 1), not a traceback.
+    Set DYNASCOPE_DEBUG=1 to see the traceback instead."""
 
     @functools.wraps(func)
     def wrapper(*args, **kwargs):
@@ -23,6 +25,8 @@ def user_errors(func):
         except click.ClickException:
             raise
         except USER_ERRORS as e:
+            if os.environ.get("DYNASCOPE_DEBUG"):
+                raise
             msg = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
             raise click.ClickException(str(msg)) from None
 

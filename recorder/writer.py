@@ -11,6 +11,7 @@ from __future__ import annotations
 import queue
 import threading
 import time
+import warnings
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -27,6 +28,10 @@ def _to_numpy(value) -> np.ndarray:
         return value.cpu().numpy()
     return np.asarray(value)
 
+
+# Fixed-width unicode (parameter and layer names) has no ratified zarr v3 spec yet; zarr warns
+# on every write. The store is read back by zarr-python/xarray, which handle it.
+warnings.filterwarnings("ignore", message=r".*FixedLengthUTF32.*", module=r"zarr\..*")
 
 _NUMPY_FLOATS: set = set()
 try:  # torch is a recorder dependency, but keep the writer importable without it
