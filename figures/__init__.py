@@ -11,6 +11,7 @@ from . import curves  # noqa: F401,E402
 from . import dynamics  # noqa: F401,E402  example dynamics (issue 5)
 from . import features, augmentation  # noqa: F401,E402  feature signals (issue 6)
 from . import animations  # noqa: F401,E402  example-dynamics GIFs (issue 5)
+from . import opposing  # noqa: F401,E402  opposing signals (issue 4)
 from . import optimization  # noqa: F401,E402  optimization insight (issue 7)
 from .render import render_all, render_figure  # noqa: E402
 
