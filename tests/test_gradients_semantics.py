@@ -212,3 +212,16 @@ def test_cuda_matches_cpu():
     gpu = record(m, GradientExtension(projection_dim=32).attach_model(m), x.cuda(), y.cuda())
     for k in cpu:
         assert rel_err(gpu[k].cpu(), cpu[k]) < 1e-4, k
+
+
+def test_no_backward_gives_nan_with_a_warning():
+    m, (x, y) = mlp(), data()
+    ext = GradientExtension(projection_dim=24).attach_model(m)
+    from recorder.extensions import BatchContext
+    b = BatchContext("train", torch.arange(6))
+    ext.begin_batch(b)
+    b.losses = ce(m(x), y)
+    ext.on_losses(b)
+    with pytest.warns(RuntimeWarning, match="no backward"):
+        out = ext.columns(b)
+    assert torch.isnan(out["grad_norm"]).all() and torch.isnan(out["grad_proj"]).all()

@@ -88,6 +88,8 @@ class GradientExtension(Extension):
         self.excluded: dict[str, str] = {}
         self.batchnorm_modules: list[str] = []
         self.total_trainable = 0
+        self._covered_numel = 0
+        self.proj_total = 0
         self._handles: list = []
         self._active = False
         self._loss_grad: torch.Tensor | None = None
@@ -256,12 +258,16 @@ class GradientExtension(Extension):
         loss gradient, from what the hooks captured since begin_batch."""
         w = self._loss_grad
         device = None
+        sq = torch.zeros(batch_size, len(self.layers))
+        proj = torch.zeros(batch_size, self.proj_total) if self.proj_total else None
         if w is None:
+            if not any(c[1] is not None for layer in self.layers for c in layer.calls):
+                self._warn("nobackward", "no backward pass reached the hooked layers in this batch; "
+                           "its per-example gradient signals are NaN")
+                return sq.fill_(float("nan")), (proj.fill_(float("nan")) if proj is not None else None)
             self._warn("noloss", "no gradient reached the per-example losses given to the recorder; "
                        "gradients are stored unscaled (as if each example's weight were 1). "
                        "Backpropagate through the recorded losses (e.g. losses.mean().backward()).")
-        sq = torch.zeros(batch_size, len(self.layers))
-        proj = torch.zeros(batch_size, self.proj_total) if self.proj_total else None
         with torch.autocast("cuda", enabled=False), torch.autocast("cpu", enabled=False), \
                 torch.no_grad(), _full_float32():
             for j, layer in enumerate(self.layers):
