@@ -1,0 +1,67 @@
+"""The optimization-insight figures render from a tiny recorded run, with labelled axes."""
+from __future__ import annotations
+
+import matplotlib.pyplot as plt
+import numpy as np
+import pytest
+import torch
+
+from analysis import open_run
+from figures import FIGURES
+from figures.optimization import _downsample, fmt_threshold
+from recorder import Recorder
+
+torch.set_num_threads(1)
+NAMES = ["zero_gradients", "released_fraction", "sign_flip_fraction", "weight_diff_norm",
+         "gradient_sign_heatmap", "gradient_sign_heatmap_zoom"]
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("opt") / "run.zarr"
+    net = torch.nn.Sequential(torch.nn.Linear(5, 16), torch.nn.ReLU(), torch.nn.Linear(16, 3))
+    opt = torch.optim.SGD(net.parameters(), lr=0.5)
+    x, y = torch.randn(64, 5), torch.randint(0, 3, (64,))
+    with Recorder(path, net, num_classes=3, num_examples=64, optimizer=opt,
+                  snapshot_params="all", snapshot_every=2) as rec:
+        for t in range(12):
+            idx = torch.arange(16) + 16 * (t % 4)
+            with rec.step(example_ids=idx, targets=y[idx]) as st:
+                logits = net(x[idx])
+                losses = torch.nn.functional.cross_entropy(logits, y[idx], reduction="none")
+                st.record(losses=losses, logits=logits)
+                losses.mean().backward()
+            opt.step()
+            opt.zero_grad()
+    return open_run(path)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_figure_renders_with_labels(tiny_run, name):
+    entry = FIGURES[name]
+    assert entry.available(tiny_run)
+    fig = entry.func(tiny_run)
+    try:
+        for ax in fig.axes:
+            if ax.get_label() == "<colorbar>":
+                continue
+            assert ax.get_xlabel() and ax.get_ylabel(), (name, ax.get_title())
+    finally:
+        plt.close(fig)
+
+
+def test_heatmap_downsampling_is_the_mean_sign_per_column():
+    sign = np.array([[1, -1, 0, 1, 1, 1, -1]], np.int8)   # tensors of 4 and 3 components
+    img, starts, cols = _downsample(sign, np.array([0, 4]), max_columns=4)
+    assert cols.tolist() == [2, 2] and starts.tolist() == [0, 2]
+    np.testing.assert_array_equal(img, [[0.0, 0.5, 1.0, -1.0]])
+    # a tensor smaller than its share repeats its components over several columns
+    img, _, cols = _downsample(np.array([[1, -1, 0, 1, 1, 1, -1]], np.int8), np.array([0, 6]), 40)
+    assert cols[1] > 1 and (img[0, cols[0]:] == -1).all()
+
+
+def test_threshold_labels():
+    assert fmt_threshold(1e-7) == "$10^{-7}$"
+    assert fmt_threshold(5e-6) == "$5\\times10^{-6}$"
+    assert fmt_threshold(0) == "0"
