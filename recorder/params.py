@@ -200,9 +200,16 @@ class ParamStatsExtension(Extension):
         self._step = 0
         self._snap_idx: list[int] = []
         self._optimizer = None
+        self._primary: ParamStatsExtension | None = None
 
     # -- setup ----------------------------------------------------------------------
     def attach(self, recorder) -> None:
+        # One params extension per recorder: the first listed wins (an explicitly passed
+        # instance comes before the one the Recorder builds by default); later ones stay idle.
+        first = next((e for e in getattr(recorder, "extensions", ()) if isinstance(e, ParamStatsExtension)), self)
+        if first is not self:
+            self._primary = first
+            return
         named = [(n, p) for n, p in recorder.model.named_parameters() if p.requires_grad]
         if self.param_names is not None:
             known = dict(named)
@@ -241,6 +248,8 @@ class ParamStatsExtension(Extension):
         self._handles = []
 
     def specs(self) -> list[ArraySpec]:
+        if self._primary is not None:
+            return []
         P = ("step", "param")
         out = [ArraySpec("params", n, P, "float32") for n in
                ("grad_norm", "param_norm", "update_norm", "weight_diff_norm", "secant_dot")]
@@ -258,6 +267,8 @@ class ParamStatsExtension(Extension):
         return out
 
     def metadata(self) -> dict:
+        if self._primary is not None:
+            return self._primary.metadata()
         s = self.stats
         return {
             "params": s.names if s else self.param_names,
@@ -271,12 +282,12 @@ class ParamStatsExtension(Extension):
 
     # -- per step -------------------------------------------------------------------------
     def begin_batch(self, batch: BatchContext) -> None:
-        if batch.kind == "train":
+        if batch.kind == "train" and self.stats is not None:
             self._need_capture = True
             self._step = batch.step_index
 
     def end_batch(self, batch: BatchContext) -> dict:
-        if batch.kind == "train":
+        if batch.kind == "train" and self.stats is not None:
             self._capture()
         return {}
 

@@ -158,3 +158,24 @@ def test_threshold_off_the_edges_is_refused_or_snapped(tmp_path):
         gradient_dynamics(run, eps=1.2e-7)
     gd = gradient_dynamics(run, eps=1.2e-7, snap_to_edge=True)
     assert gd.attrs["eps_used"] == pytest.approx(1e-7)
+
+
+def test_explicit_extension_wins_over_the_default_one(tmp_path):
+    from recorder.params import ParamStatsExtension
+
+    model = Coords(w=1.0)
+    opt = torch.optim.SGD(model.parameters(), lr=0.25)
+    ext = ParamStatsExtension(snapshot_params=["w"], snapshot_every=3)
+    with Recorder(tmp_path / "x.zarr", model, num_examples=1, optimizer=opt, extensions=[ext]) as rec:
+        assert [type(e).__name__ for e in rec.extensions].count("ParamStatsExtension") == 2
+        for _ in range(5):
+            with rec.step(example_ids=torch.tensor([0])) as st:
+                loss = (model.w ** 2).reshape(1)
+                st.record(losses=loss)
+                loss.sum().backward()
+            opt.step()
+            opt.zero_grad()
+    run = open_run(tmp_path / "x.zarr")
+    assert run.committed["params"] == 5 and run.group("params").sizes["step"] == 5
+    assert run.group("snapshots")["step"].values.tolist() == [0, 3]
+    assert run.extensions["params"]["snapshot_every"] == 3
