@@ -16,7 +16,7 @@ import analysis
 from analysis.run import Run
 
 from .registry import register_figure
-from .style import DECREASE, INCREASE, TEST, TRAIN, class_color, style
+from .style import DECREASE, INCREASE, TEST, TRAIN, class_color, integer_axis, style
 
 GIF_DPI = 90
 
@@ -112,6 +112,7 @@ def training_animation(run: Run, path, fps: int = 3, max_frames: int | None = 60
             ax_time.axvline(ep, color="black", lw=1, ls="--")
             ax_time.set(xlabel="epoch", ylabel="accuracy (%)", ylim=(0, 100), xlim=(epochs[0] - 0.3, epochs[-1] + 0.3),
                         title="Training timeline")
+            integer_axis(ax_time)
             ax_time.legend(loc="lower right", fontsize=7)
             lines = [f"epoch           {ep} / {int(epochs[-1])}",
                      f"train loss      {float(e['train_loss'].values[i]):.3f}",
@@ -158,6 +159,8 @@ def loss_trajectories_animation(run: Run, path, fps: int = 5, max_frames: int | 
         ax.scatter([], [], color=INCREASE, s=14, label="loss rose")
         ax.set(xlim=(x[0], x[-1] if x[-1] > x[0] else x[0] + 1), ylim=(0, top), xlabel=xlabel,
                ylabel="cross-entropy loss")
+        if source == "train":
+            integer_axis(ax)
         fig.legend(loc="outside right center", fontsize=7, title="class / change")
         title = ax.set_title("")
 

@@ -58,7 +58,8 @@ def _forgetting_timeline(fig, ax, tl, max_rows: int = 300):
     else:
         top = int(total[forgotten].max())
         cmap = plt.get_cmap(FORGET_CMAP, top + 1)
-        cmap = ListedColormap(np.vstack([[1, 1, 1, 1], cmap(np.linspace(0.25, 1, top))]))
+        shades = np.linspace(0.3, 1, top) if top > 1 else np.array([0.75])
+        cmap = ListedColormap(np.vstack([[1, 1, 1, 1], cmap(shades)]))
         norm = BoundaryNorm(np.arange(-0.5, top + 1.5), cmap.N)
         im = ax.imshow(cum[:, forgotten].T, aspect="auto", interpolation="nearest", cmap=cmap, norm=norm,
                        extent=(epochs[0] - 0.5, epochs[-1] + 0.5, len(forgotten) - 0.5, -0.5))

@@ -31,7 +31,11 @@ FIGURES: dict[str, FigureEntry] = {}
 
 
 def register_figure(name: str, needs: tuple[str, ...] = (), description: str = "", kind: str = "figure"):
-    """Decorator: add a figure function to the registry."""
+    """Decorator: add a figure function to the registry.
+
+    kind="figure": func(run, **params) -> matplotlib Figure.
+    kind="animation": func(run, path, fps=..., max_frames=..., **params) writes a GIF at `path`
+    (fps: frame rate; max_frames: cap, frames sampled evenly over time)."""
 
     def deco(func):
         doc = (func.__doc__ or "").strip().splitlines()
