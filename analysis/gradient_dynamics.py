@@ -54,6 +54,29 @@ def _step_epochs(run: Run, n: int) -> np.ndarray:
     return np.zeros(n, dtype=np.int64)
 
 
+def _reduce(p: xr.Dataset, k_eps: int, k_nz: int, dead_window: int) -> xr.Dataset:
+    """The (step, param)-sized inputs, reduced lazily from the stored arrays in one compute:
+    histogram sums at the two thresholds, the released table at near_zero, and dead units."""
+    hist = p["grad_hist"]
+    out = {"below": hist.isel(bin=0) if k_eps < 0 else hist.isel(bin=slice(0, k_eps + 2)).sum("bin"),
+           "near_zero": hist.isel(bin=slice(0, k_nz + 2)).sum("bin")}
+    if "released" in p:
+        out["released"] = p["released"].isel(edge=k_nz)
+    for var in ("sign_flips", "weight_diff_norm", "update_norm", "grad_norm", "secant_dot"):
+        if var in p:
+            out[var] = p[var]
+    if "unit_zero" in p and "unit_param" in p:
+        upar = np.asarray(p["unit_param"].values, np.int64)
+        onehot = xr.DataArray((upar[:, None] == np.arange(p.sizes["param"])).astype(np.int32),
+                              dims=("unit", "param"))
+        zero = p["unit_zero"].astype(np.int32)
+        dead = zero.rolling(step=min(dead_window, p.sizes["step"])).sum() == dead_window
+        out["zero_units_by_param"] = xr.dot(zero, onehot, dim="unit")
+        out["dead_by_param"] = xr.dot(dead.astype(np.int32), onehot, dim="unit")
+        out["dead_at_end"] = dead.isel(step=-1)
+    return xr.Dataset(out).reset_coords(drop=True).compute()
+
+
 @register_analysis("gradient_dynamics", needs=("params/grad_hist",))
 def gradient_dynamics(run: Run, eps: float = 1e-7, near_zero: float = 1e-5, window: int = 50,
                       dead_window: int | None = None, snap_to_edge: bool = False) -> xr.Dataset:
@@ -74,21 +97,19 @@ def gradient_dynamics(run: Run, eps: float = 1e-7, near_zero: float = 1e-5, wind
         raise ValueError(f"window must be >= 1, got {window}")
     dead_window = int(dead_window or window)
     edges = p["edge"].values
-    hist = np.asarray(p["grad_hist"].values, np.int64)                 # (step, param, bin)
-    n, P = hist.shape[:2]
+    n, P = p.sizes["step"], p.sizes["param"]
     if n == 0:
         raise RunError("the params group has no committed steps yet")
     size = np.asarray(p["param_size"].values, np.int64)
     total = int(size.sum())
-    cum = np.cumsum(hist, axis=2)                                       # #(bin <= j)
     if eps == 0:
         k_eps, eps_used = -1, 0.0
-        below = hist[:, :, 0]                                           # exact zeros
     else:
         k_eps, eps_used = edge_index(edges, eps, "eps", snap_to_edge)
-        below = cum[:, :, k_eps + 1]                                    # #(|g| < edges[k])
     k_nz, nz_used = edge_index(edges, near_zero, "near_zero", snap_to_edge)
-    nz_now = cum[:, :, k_nz + 1]
+    raw = _reduce(p, k_eps, k_nz, dead_window)       # one lazy pass; only (step, param)-sized results
+    below = raw["below"].values                                         # #(|g| < eps)
+    nz_now = raw["near_zero"].values
     nz_prev = np.concatenate([np.full((1, P), -1), nz_now[:-1]])      # near-zero at t-1
 
     steps = np.arange(n)
@@ -102,8 +123,8 @@ def gradient_dynamics(run: Run, eps: float = 1e-7, near_zero: float = 1e-5, wind
     ds["below_eps_fraction"] = (s, below.sum(1) / total)
     ds["near_zero_by_param"] = (sp, nz_now)
 
-    if "released" in p:
-        rel = np.asarray(p["released"].values[:, :, k_nz], np.float64)
+    if "released" in raw:
+        rel = np.asarray(raw["released"].values, np.float64)
         rel[0] = np.nan
         prev = np.where(steps[:, None] > 0, nz_prev, np.nan).astype(np.float64)
         ds["released_by_param"] = (sp, rel)
@@ -114,23 +135,23 @@ def gradient_dynamics(run: Run, eps: float = 1e-7, near_zero: float = 1e-5, wind
         ds["retained_fraction"] = (s, np.where(ps > 0, 1 - _ratio(rs, ps), np.nan))
         ds["near_zero_prev"] = (s, ps)
 
-    if "sign_flips" in p:
-        flips = np.asarray(p["sign_flips"].values, np.float64)
+    if "sign_flips" in raw:
+        flips = np.asarray(raw["sign_flips"].values, np.float64)
         flips[flips < 0] = np.nan                                       # step 0: no previous
         ds["sign_flips_by_param"] = (sp, flips)
         ds["sign_flip_fraction_by_param"] = (sp, flips / size)
         ds["sign_flip_fraction"] = (s, flips.sum(1) / total)           # NaN at step 0
 
     for var in ("weight_diff_norm", "update_norm", "grad_norm"):
-        if var in p:
-            v = np.asarray(p[var].values, np.float64)
+        if var in raw:
+            v = np.asarray(raw[var].values, np.float64)
             ds[f"{var}_by_param"] = (sp, v)
             tot = np.sqrt((v ** 2).sum(1))                              # NaN if any tensor is NaN
             ds[var] = (s, tot)
 
-    if "secant_dot" in p and "weight_diff_norm" in p:
-        dot = np.asarray(p["secant_dot"].values, np.float64)
-        dw2 = np.asarray(p["weight_diff_norm"].values, np.float64) ** 2
+    if "secant_dot" in raw and "weight_diff_norm" in raw:
+        dot = np.asarray(raw["secant_dot"].values, np.float64)
+        dw2 = np.asarray(raw["weight_diff_norm"].values, np.float64) ** 2
         curv = _ratio(dot, dw2)
         ds["curvature_by_param"] = (sp, curv)
         ds["curvature_class_by_param"] = (sp, np.sign(np.nan_to_num(curv)).astype(np.int8))
@@ -144,27 +165,19 @@ def gradient_dynamics(run: Run, eps: float = 1e-7, near_zero: float = 1e-5, wind
         # all-parameter secant curvature: sum of dots over sum of squared step norms
         ds["curvature"] = (s, _ratio(np.nansum(dot, 1), np.where(known.any(1), np.nansum(dw2, 1), 0)))
 
-    if "unit_zero" in p and "unit_param" in p:
-        uz = np.asarray(p["unit_zero"].values, bool)                    # (step, unit)
+    if "dead_by_param" in raw:
         upar = np.asarray(p["unit_param"].values, np.int64)
-        csum = np.concatenate([np.zeros((1, uz.shape[1]), np.int64), np.cumsum(uz, 0)])
-        w = min(dead_window, n)
-        dead = np.zeros_like(uz)
-        if n >= dead_window:
-            dead[dead_window - 1:] = (csum[dead_window:] - csum[:-dead_window]) == dead_window
         units = np.bincount(upar, minlength=P)
-        dead_by = np.stack([np.bincount(upar, weights=d, minlength=P) for d in dead]).astype(np.int64)
         valid = steps >= dead_window - 1
+        dead_by = raw["dead_by_param"].values.astype(np.int64)
         ds["dead_units_by_param"] = (sp, np.where(valid[:, None], dead_by, -1))
         ds["dead_unit_fraction"] = (s, np.where(valid, dead_by.sum(1) / max(1, units.sum()), np.nan))
         ds["units"] = ("param", units)
         ds["unit_param"] = ("unit", upar)
         if "unit_index" in p:
             ds["unit_index"] = ("unit", np.asarray(p["unit_index"].values, np.int64))
-        ds["dead_at_end"] = ("unit", dead[-1] if n >= dead_window else np.zeros(uz.shape[1], bool))
-        ds["zero_grad_units_by_param"] = (sp, np.stack([np.bincount(upar, weights=z, minlength=P)
-                                                        for z in uz]).astype(np.int64))
-        ds.attrs["dead_window_used"] = w
+        ds["dead_at_end"] = ("unit", raw["dead_at_end"].values.astype(bool))
+        ds["zero_grad_units_by_param"] = (sp, raw["zero_units_by_param"].values.astype(np.int64))
 
     for var in ("below_eps", "below_eps_fraction", "released_fraction", "sign_flip_fraction",
                 "weight_diff_norm", "update_norm", "grad_norm"):
