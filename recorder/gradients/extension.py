@@ -285,10 +285,14 @@ class GradientExtension(Extension):
                 if sq.device != device:
                     sq, proj = sq.to(device), (proj.to(device) if proj is not None else None)
                 g = layer.rule.grad(layer.module, calls, layer.params)
-                if self.norms:
+                mats = self._matrices(layer, device) if layer.proj_size else None
+                if self.norms and mats:
+                    sq[:, j], p = g.norm_and_project(*mats)
+                elif self.norms:
                     sq[:, j] = g.sq_norm()
-                if layer.proj_size:
-                    p = g.project(*self._matrices(layer, device))
+                if mats:
+                    if not self.norms:
+                        p = g.project(*mats)
                     proj[:, layer.offset:layer.offset + layer.proj_size] = p
             if w is not None:
                 w = w.to(sq.device).float().reshape(-1)

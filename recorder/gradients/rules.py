@@ -128,8 +128,11 @@ class ConvRule(Rule):
             def conv(t, w, b, stride=stride, dil=dil, pad=pad):
                 return F.conv2d(t, w, b, stride=stride, padding=pad, dilation=dil)
 
-            u = g.float().flatten(2).transpose(1, 2)  # (B, T, out) view of (B, out, T)
-            right = Patches(x, kernel, stride, dil, pad, "weight" in params, "bias" in params, conv)
+            g = g.float()
+            if g.dim() == 3:
+                g = g.unsqueeze(2)
+            u = g.flatten(2).transpose(1, 2)  # (B, T, out) view of (B, out, T)
+            right = Patches(x, g, kernel, stride, dil, pad, "weight" in params, "bias" in params, conv)
             pairs.append((Dense(u), right))
         return Factored(pairs, *self.shape(module, params))
 
