@@ -8,7 +8,8 @@ carries ground truth for label noise and an opposing signal.
 Add a dataset with::
 
     @register_dataset("name")
-    def _build(*, data_dir, download, seed, **options) -> DatasetBundle: ...
+    def _build(*, data_dir, download, train_size, test_size, seed, **options) -> DatasetBundle:
+        ...
 """
 
 from __future__ import annotations
@@ -40,7 +41,8 @@ class DatasetUnavailableError(RuntimeError):
 
 
 def register_dataset(name: str):
-    """Decorator: register a builder ``f(*, data_dir, download, seed, **options) -> DatasetBundle``."""
+    """Decorator: register a builder
+    ``f(*, data_dir, download, train_size, test_size, seed, **options) -> DatasetBundle``."""
 
     def decorate(builder):
         if name in DATASETS:
@@ -130,7 +132,7 @@ def subset_indices(n: int, size: int | None, seed: int) -> np.ndarray | None:
 @register_dataset("planted")
 def _planted(*, data_dir, download, train_size, test_size, seed, num_train=2000, num_test=500,
              num_classes=10, label_noise=0.1, planted_fraction=0.1, planted_classes=(0, 1),
-             noise_std=0.9, planted_strength=1.5) -> DatasetBundle:
+             noise_std=0.6, planted_strength=1.5) -> DatasetBundle:
     num_train = train_size or num_train
     num_test = test_size or num_test
     common = dict(num_classes=num_classes, planted_fraction=planted_fraction,

@@ -37,10 +37,8 @@ class IndexedDataset(Dataset):
     def __getitem__(self, index: int) -> tuple[Any, Any, int]:
         item = self.dataset[index]
         if not isinstance(item, (tuple, list)) or len(item) != 2:
-            raise TypeError(
-                "IndexedDataset expects the wrapped dataset to return (x, y); "
-                f"got {type(item).__name__} of length {len(item) if hasattr(item, '__len__') else '?'}"
-            )
+            raise TypeError("IndexedDataset expects the wrapped dataset to return (x, y); "
+                            f"got {type(item).__name__}")
         x, y = item
         return x, y, int(index)
 

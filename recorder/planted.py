@@ -117,12 +117,13 @@ def _render(clean: np.ndarray, planted: np.ndarray, num_classes: int, noise_std:
 
     coords = np.linspace(-1, 1, IMAGE_SIZE, dtype=np.float32)
     yy, xx = np.meshgrid(coords, coords, indexing="ij")
-    proj = (np.cos(theta)[:, None, None] * xx + np.sin(theta)[:, None, None] * yy)
-    wave = np.cos(2 * np.pi * freq[:, None, None] * proj + phase[:, None, None])  # (n, H, W)
+    f32 = lambda a: a.astype(np.float32)[:, None, None]
+    proj = f32(np.cos(theta)) * xx + f32(np.sin(theta)) * yy
+    wave = np.cos(f32(2 * np.pi * freq) * proj + f32(phase))  # (n, H, W)
     grating = (amp[:, None] * (2 * colour - 1)).astype(np.float32)  # signed colour, (n, C)
-    images = grating[:, :, None, None] * wave[:, None].astype(np.float32)
+    images = grating[:, :, None, None] * wave[:, None]
     images += tint[:, :, None, None].astype(np.float32)
-    images += rng.normal(0, noise_std, images.shape).astype(np.float32)
+    images += noise_std * rng.standard_normal(images.shape, dtype=np.float32)
 
     if planted.any():
         band = IMAGE_SIZE // 4
@@ -130,16 +131,17 @@ def _render(clean: np.ndarray, planted: np.ndarray, num_classes: int, noise_std:
         # Sky: bright at the top, fading towards the horizon, with a little texture.
         fade = np.linspace(1.0, 0.7, band, dtype=np.float32)[None, None, :, None]
         sky = planted_strength * _SKY_COLOUR[None, :, None, None] * fade
-        sky = sky + rng.normal(0, 0.1, (k, CHANNELS, band, IMAGE_SIZE)).astype(np.float32)
+        sky = sky + 0.1 * rng.standard_normal((k, CHANNELS, band, IMAGE_SIZE), dtype=np.float32)
         images[planted, :, :band, :] = sky
     return images.astype(np.float32, copy=False)
 
 
 def generate_planted(n: int, *, num_classes: int = 10, label_noise: float = 0.0,
                      planted_fraction: float = 0.1, planted_classes=(0, 1),
-                     noise_std: float = 0.9, planted_strength: float = 1.5,
+                     noise_std: float = 0.6, planted_strength: float = 1.5,
                      seed: int = 0) -> PlantedSplit:
-    """Generate one split of `n` examples, deterministically from `seed`.
+    """Generate one split of `n` examples, deterministically from `seed` (an int or a
+    `numpy.random.SeedSequence`).
 
     Flipped labels are drawn only among examples *without* the planted feature, so the two
     phenomena stay separable when analysing a run.
