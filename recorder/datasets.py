@@ -67,12 +67,13 @@ class DatasetBundle:
     ground_truth: dict[str, np.ndarray] | None = None  # over the training split
     test_ground_truth: dict[str, np.ndarray] | None = None
     options: dict = field(default_factory=dict)  # the options it was built with
-    _images: Callable[[], np.ndarray | None] | None = field(default=None, repr=False)
+    # Returns the training images as uint8 (N, H, W, C); called lazily, only for thumbnails.
+    images_fn: Callable[[], np.ndarray | None] | None = field(default=None, repr=False)
 
     def train_images_uint8(self) -> np.ndarray | None:
         """Training images as uint8 (N, H, W, C) in index order, for thumbnails; None if the
         dataset has no cheap image form."""
-        return None if self._images is None else self._images()
+        return None if self.images_fn is None else self.images_fn()
 
     def describe(self) -> dict:
         """The store's root ``dataset`` attribute (docs/STORE.md)."""
@@ -132,7 +133,7 @@ def subset_indices(n: int, size: int | None, seed: int) -> np.ndarray | None:
 @register_dataset("planted")
 def _planted(*, data_dir, download, train_size, test_size, seed, num_train=2000, num_test=500,
              num_classes=10, label_noise=0.1, planted_fraction=0.1, planted_classes=(0, 1),
-             noise_std=0.6, planted_strength=1.5) -> DatasetBundle:
+             noise_std=0.6, planted_strength=1.5, name="planted") -> DatasetBundle:
     num_train = train_size or num_train
     num_test = test_size or num_test
     common = dict(num_classes=num_classes, planted_fraction=planted_fraction,
@@ -143,7 +144,7 @@ def _planted(*, data_dir, download, train_size, test_size, seed, num_train=2000,
     train = generate_planted(num_train, label_noise=label_noise, seed=train_seed, **common)
     test = generate_planted(num_test, label_noise=0.0, seed=test_seed, **common)
     return DatasetBundle(
-        name="planted",
+        name=name,
         train=ArrayDataset(train.images, train.targets),
         test=ArrayDataset(test.images, test.targets),
         num_classes=num_classes,
@@ -154,8 +155,14 @@ def _planted(*, data_dir, download, train_size, test_size, seed, num_train=2000,
         test_ground_truth=test.ground_truth(),
         options=dict(common, num_train=num_train, num_test=num_test, label_noise=label_noise,
                      seed=seed, planted_classes=list(common["planted_classes"])),
-        _images=lambda: to_uint8(train.images),
+        images_fn=lambda: to_uint8(train.images),
     )
+
+
+@register_dataset("planted-control")
+def _planted_control(**kwargs) -> DatasetBundle:
+    """`planted` without the opposing-signal feature (same classes and label noise)."""
+    return _planted(**{**kwargs, "planted_fraction": 0.0, "name": "planted-control"})
 
 
 # --- torchvision datasets -------------------------------------------------------------------
@@ -240,7 +247,7 @@ def _build_vision(key: str, *, data_dir, download, train_size, test_size, seed,
         train_targets=targets,
         options={"train_size": train_size, "test_size": test_size, "seed": seed,
                  "augment": augment},
-        _images=lambda: _vision_images_uint8(train_full, train_idx),
+        images_fn=lambda: _vision_images_uint8(train_full, train_idx),
     )
 
 

@@ -111,6 +111,9 @@ def test_planted_control_has_no_feature():
     assert not ctl.test_ground_truth["has_planted_feature"].any()
     assert _sky_score(ctl.train.images.numpy()).max() < 1.5
     assert ctl.ground_truth["is_mislabeled"].sum() == 30
+    named = load_dataset("planted-control", train_size=300, test_size=100)
+    assert named.name == "planted-control"
+    assert torch.equal(named.train.images, ctl.train.images)
 
 
 def test_planted_options():
@@ -144,7 +147,7 @@ def test_unknown_dataset():
 def test_register_dataset_rejects_duplicates():
     with pytest.raises(ValueError, match="already registered"):
         register_dataset("planted")(lambda **kw: None)
-    assert {"cifar10", "mnist", "fashion-mnist", "planted"} <= set(DATASETS)
+    assert {"cifar10", "mnist", "fashion-mnist", "planted", "planted-control"} <= set(DATASETS)
 
 
 @pytest.mark.parametrize("name,folder", [("cifar10", "cifar-10-batches-py"),
