@@ -43,10 +43,10 @@ def key_numbers(run: Run) -> dict[str, object]:
     out["epochs"] = int(e.sizes["epoch"])
     out["final train loss"] = float(last["train_loss"])
     if "train_accuracy" in last:
-        out["final train accuracy"] = float(last["train_accuracy"])
+        out["final train accuracy (%)"] = 100 * float(last["train_accuracy"])
     if "eval_accuracy" in last:
-        out["final held-out accuracy"] = float(last["eval_accuracy"])
-        out["final generalisation gap (train - held-out)"] = float(last["train_accuracy"] - last["eval_accuracy"])
+        out["final held-out accuracy (%)"] = 100 * float(last["eval_accuracy"])
+        out["final generalisation gap, train - held-out (pp)"] = 100 * float(last["train_accuracy"] - last["eval_accuracy"])
     if run.has("train", "logits"):
         f = analysis.forgetting(run, never_learned="exclude")
         out["examples presented"] = int(f.sizes["example"])
