@@ -221,3 +221,66 @@ def gradient_sign_heatmap_zoom(run: Run, eps: float = 1e-5, start: int | None = 
         cb.ax.set_yticklabels(["g < 0", f"|g| ≤ {fmt_threshold(eps)}", "g > 0"])
         ax.set_title(f"Gradient signs of {', '.join(inside)}: components {start:,}–{stop - 1:,}")
     return fig
+
+
+@register_figure("curvature_classes", needs=("params/secant_dot",))
+def curvature_classes(run: Run, window: int = 50):
+    """Minimum- vs maximum-like steps from the secant curvature, overall and per tensor by epoch."""
+    gd = analysis.gradient_dynamics(run, window=window)
+    cls = gd["curvature_class_by_param"].where(gd["curvature_by_param"].notnull())
+    per_epoch = cls.assign_coords(step=gd["step_epoch"].values).groupby("step").mean()
+    with style():
+        fig, (ax, bx) = plt.subplots(1, 2, figsize=(8.8, 3.2), width_ratios=(1, 1.15))
+        _series(ax, gd, "minimum_like_fraction", TRAIN, "minimum-like", ma=False)
+        ma = gd["minimum_like_fraction"].rolling(step=window, min_periods=1).mean()
+        ax.plot(_fractional_epoch(gd["step_epoch"].values), ma.values, "-", color=TRAIN, lw=1.6,
+                label=f"minimum-like, moving average ({window} steps)")
+        ax.set(ylabel="fraction of tensors with c$_t$ > 0", ylim=(0, 1.02),
+               title="Minimum-like steps (secant curvature > 0)")
+        _step_legend(ax)
+        img = per_epoch.values.T                                  # (param, epoch)
+        im = bx.imshow(img, aspect="auto", cmap=SIGN_CMAP, vmin=-1, vmax=1, interpolation="nearest")
+        bx.grid(False)
+        bx.set_yticks(np.arange(img.shape[0]), [str(n) for n in gd["param"].values], fontsize=7)
+        ep = per_epoch["step"].values
+        ticks = np.unique(np.linspace(0, len(ep) - 1, min(len(ep), 10)).round().astype(int))
+        bx.set_xticks(ticks, [str(ep[t]) for t in ticks])
+        bx.set(xlabel="epoch", ylabel="parameter tensor", title="Mean curvature class per epoch")
+        cb = fig.colorbar(im, ax=bx, ticks=[-1, 0, 1], fraction=0.05, pad=0.02)
+        cb.ax.set_yticklabels(["maximum-like", "mixed", "minimum-like"])
+    return fig
+
+
+@register_figure("dead_units", needs=("params/unit_zero",))
+def dead_units(run: Run, window: int = 50):
+    """Share of each tensor's output units whose gradient stayed exactly zero over a window."""
+    gd = analysis.gradient_dynamics(run, window=window)
+    by = gd["dead_units_by_param"].where(gd["dead_units_by_param"] >= 0)
+    frac = by / gd["units"]
+    x = _fractional_epoch(gd["step_epoch"].values)
+    names, units = [str(n) for n in gd["param"].values], gd["units"].values
+    groups: list[list[int]] = []          # tensors with identical curves (a layer's weight and bias)
+    for j in range(gd.sizes["param"]):
+        v = frac.isel(param=j).values
+        for grp in groups:
+            if units[grp[0]] == units[j] and np.array_equal(frac.isel(param=grp[0]).values, v, equal_nan=True):
+                grp.append(j)
+                break
+        else:
+            groups.append([j])
+    quiet = [g for g in groups if not np.nanmax(np.append(frac.isel(param=g[0]).values, 0)) > 0]
+    with style():
+        fig, ax = plt.subplots(figsize=(5.6, 3.0))
+        for i, grp in enumerate([g for g in groups if g not in quiet][:10]):
+            ax.plot(x, 100 * frac.isel(param=grp[0]).values, "-", lw=1.3, color=PALETTE[i % len(PALETTE)],
+                    label=f"{', '.join(names[j] for j in grp)} ({units[grp[0]]} units)")
+        ax.plot(x, 100 * gd["dead_unit_fraction"].values, "k--", lw=1.2, label="all units")
+        top = np.nanmax(np.append(100 * frac.values.ravel(), 1.0))
+        ax.set(xlabel="epoch", ylabel="dead units (%)", ylim=(0, 1.45 * top), xlim=(0, x.max() + 0.05),
+               title=f"Dead units (gradient exactly zero for {gd.attrs['dead_window']} steps)")
+        if quiet:
+            none = [names[j] for g in quiet for j in g]
+            text = ", ".join(none[:6]) + (f" and {len(none) - 6} more" if len(none) > 6 else "")
+            ax.plot([], [], color="none", label=f"no dead units: {text}")
+        ax.legend(loc="upper left", frameon=False, fontsize=7)
+    return fig

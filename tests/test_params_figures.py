@@ -13,7 +13,7 @@ from recorder import Recorder
 
 torch.set_num_threads(1)
 NAMES = ["zero_gradients", "released_fraction", "sign_flip_fraction", "weight_diff_norm",
-         "gradient_sign_heatmap", "gradient_sign_heatmap_zoom"]
+         "gradient_sign_heatmap", "gradient_sign_heatmap_zoom", "curvature_classes", "dead_units"]
 
 
 @pytest.fixture(scope="module")
