@@ -138,27 +138,26 @@ def cka(X, Y, debiased: bool = False, chunk_size: int = 1024, max_gram_samples: 
     return _ratio(*_feature_hsics(X, Y, debiased, chunk_size))
 
 
-def _batches(n: int, batch_size: int, seed: int | None):
-    order = np.arange(n) if seed is None else np.random.default_rng(seed).permutation(n)
-    for s in range(0, n, batch_size):
-        idx = order[s:s + batch_size]
-        if len(idx) >= 4:  # HSIC_1 needs 4 samples; a short tail batch is dropped
-            yield np.sort(idx)
-
-
-def _take(X, idx: np.ndarray):
-    if len(idx) and np.all(np.diff(idx) == 1):
-        return X[int(idx[0]):int(idx[-1]) + 1]
-    return X[idx]
+def _blocks(n: int, batch_size: int, block_rows: int, seed: int | None):
+    """(start, stop, [batch index arrays relative to start]): contiguous blocks of rows are
+    loaded once (a dask/zarr read per block, not per batch) and shuffled within the block."""
+    rng = None if seed is None else np.random.default_rng(seed)
+    block_rows = max(batch_size, block_rows - block_rows % batch_size)
+    for s in range(0, n, block_rows):
+        e = min(n, s + block_rows)
+        order = np.arange(e - s) if rng is None else rng.permutation(e - s)
+        batches = [np.sort(order[b:b + batch_size]) for b in range(0, e - s, batch_size)]
+        yield s, e, [b for b in batches if len(b) >= 4]  # HSIC_1 needs 4 samples: short tails dropped
 
 
 def cka_matrix(reps: Sequence, debiased: bool = False, method: str = "auto", batch_size: int = 256,
-               max_gram_samples: int = 2048, seed: int | None = None) -> np.ndarray:
+               max_gram_samples: int = 2048, seed: int | None = None, block_rows: int = 8192) -> np.ndarray:
     """(L, L) linear CKA between every pair of representations with the same samples.
 
     method: "exact" (all samples; Gram matrices held once per layer, L n^2 floats),
             "minibatch" (Nguyen et al. 2021: per-batch HSIC_1 averaged over batches of
-            `batch_size`, L batch^2 floats; always debiased, shuffled when `seed` is set),
+            `batch_size`, L batch^2 floats; always debiased; rows are read in contiguous
+            blocks of `block_rows` and, when `seed` is set, shuffled within each block),
             "auto" (exact if n <= max_gram_samples, else minibatch).
     """
     reps = list(reps)
@@ -183,11 +182,15 @@ def cka_matrix(reps: Sequence, debiased: bool = False, method: str = "auto", bat
         raise ValueError(f"CKA method must be 'exact', 'minibatch' or 'auto', got {method!r}")
     S = np.zeros((len(reps), len(reps)))
     count = 0
-    for idx in _batches(n, batch_size, seed):
-        m = len(idx)
-        G = np.stack([center_gram(gram(_take(r, idx)), debiased=True).ravel() for r in reps])
-        S += (G @ G.T) / (m * (m - 3))
-        count += 1
+    for start, stop, batches in _blocks(n, batch_size, block_rows, seed):
+        if not batches:
+            continue
+        block = [np.asarray(r[start:stop]) for r in reps]
+        for idx in batches:
+            m = len(idx)
+            G = np.stack([center_gram(gram(b[idx]), debiased=True).ravel() for b in block])
+            S += (G @ G.T) / (m * (m - 3))
+            count += 1
     if count == 0:
         raise ValueError(f"minibatch CKA needs batches of at least 4 samples (n={n}, batch_size={batch_size})")
     return _normalise(S / count)

@@ -125,12 +125,15 @@ def layer_correlation(run: Run, layers=None, probes=None, max_units: int | None 
 @register_analysis("cka", needs=(GROUP,))
 def layer_cka(run: Run, layers=None, probes=None, debiased: bool = False, method: str = "auto",
               batch_size: int = 256, max_gram_samples: int = 2048) -> xr.Dataset:
-    """Linear CKA between every pair of layers, per probe pass."""
+    """Linear CKA between every pair of layers, per probe pass.
+
+    method "auto": exact up to `max_gram_samples` examples, else minibatch over shuffled
+    (seed 0) batches, so class-sorted probe subsets still give mixed batches."""
     layers = activation_layers(run, layers)
     probes = _probe_indices(run.group(GROUP), probes)
     out = np.stack([cka_matrix([run.group(GROUP)[a].isel(probe=p).data for a in layers],
                                debiased=debiased, method=method, batch_size=batch_size,
-                               max_gram_samples=max_gram_samples) for p in probes])
+                               max_gram_samples=max_gram_samples, seed=0) for p in probes])
     return xr.Dataset({"cka": (("probe", "layer_a", "layer_b"), out)},
                       coords={**_probe_coords(run, probes), **_pair_coords(layers)},
                       attrs={"debiased": int(debiased), "method": method})

@@ -82,6 +82,8 @@ def test_minibatch_against_direct_average():
     xx = np.mean([hsic1(K, K) for K, _ in parts])
     yy = np.mean([hsic1(L, L) for _, L in parts])
     assert minibatch_cka(X, Y, batch_size=b) == pytest.approx(xy / np.sqrt(xx * yy), rel=1e-11)
+    blocked = cka_matrix([da.from_array(X, chunks=(10, 5)), Y], method="minibatch", batch_size=b, block_rows=50)
+    assert blocked[0, 1] == pytest.approx(xy / np.sqrt(xx * yy), rel=1e-11)   # same batches, read 50 rows at a time
     # one batch holding every sample is the debiased CKA
     assert minibatch_cka(X, Y, batch_size=103) == pytest.approx(cka(X, Y, debiased=True), rel=1e-11)
 
