@@ -38,3 +38,21 @@ def planted_noisy_run(tmp_path_factory):
                       probe_size=100, train_size=500, test_size=200, chunk_steps=16, seed=0,
                       param_stats=False, dataset_options={"label_noise": 0.1})
     return record_run(cfg, progress=False)
+
+
+@pytest.fixture(scope="session")
+def opposing_runs(tmp_path_factory):
+    """Two `planted` runs with exact gradient norms and 256-d projections at a probe pass
+    every 4 steps (5 epochs, 1000 train examples): one with the planted opposing signal
+    (10% of examples, classes 0 and 1), one control without it (planted_fraction=0)."""
+    from recorder.driver import TrainConfig, record_run
+
+    base = tmp_path_factory.mktemp("opposing")
+    runs = {}
+    for name, fraction in (("planted", 0.1), ("control", 0.0)):
+        cfg = TrainConfig(dataset="planted", model="cnn", epochs=5, out=str(base / f"{name}.zarr"),
+                          batch_size=64, probe_size=300, probe_every=4, train_size=1000, test_size=100,
+                          chunk_steps=16, seed=1, grad_norms=True, grad_proj_dim=256, param_stats=False,
+                          dataset_options={"planted_fraction": fraction, "label_noise": 0.1})
+        runs[name] = record_run(cfg, progress=False)
+    return runs

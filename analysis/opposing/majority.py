@@ -34,7 +34,7 @@ def loo_cosine(G: np.ndarray, valid: np.ndarray) -> tuple[np.ndarray, np.ndarray
     return np.where(bad, np.nan, c_loo), np.where(bad, np.nan, c_all)
 
 
-@register_analysis("majority_opposition", needs=("probe/grad_proj",))
+@register_analysis("majority_opposition", needs=("train/grad_proj",))
 def majority_opposition(run: Run, source: str = "train", threshold: float = 0.0,
                         probes=None, steps=None) -> xr.Dataset:
     """Per example and over time: cosine to the others' mean gradient; who opposes it.
