@@ -73,6 +73,14 @@ def center_gram(K: np.ndarray, debiased: bool = False) -> np.ndarray:
     return K
 
 
+def unit_gram(X, debiased: bool = False) -> np.ndarray:
+    """Centred Gram matrix scaled to unit Frobenius norm (zeros for a constant X), so that
+    CKA(X, Y) = <unit_gram(X), unit_gram(Y)>: compute once per representation, reuse per pair."""
+    G = center_gram(gram(X), debiased)
+    norm = np.sqrt(np.vdot(G, G))
+    return G / norm if norm > 0 else np.zeros_like(G)
+
+
 def _ratio(xy: float, xx: float, yy: float) -> float:
     if xx <= 0 or yy <= 0:
         return 0.0

@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 import xarray as xr
 
-from .cka import cka, cka_matrix
+from .cka import cka, cka_matrix, unit_gram
 from .correlation import live_units, mean_abs, pearson
 from .registry import register_analysis
 from .run import Run, RunError
@@ -140,7 +140,8 @@ def layer_cka(run: Run, layers=None, probes=None, debiased: bool = False, method
 
 
 @register_analysis("representation_drift", needs=(GROUP,))
-def representation_drift(run: Run, layers=None, reference: int = -1, debiased: bool = False) -> xr.Dataset:
+def representation_drift(run: Run, layers=None, reference: int = -1, debiased: bool = False,
+                         max_gram_samples: int = 2048) -> xr.Dataset:
     """Per layer, CKA of each probe's representation with the reference probe's (default the
     last) and with the previous probe's: how far and how fast each layer moves."""
     layers = activation_layers(run, layers)
@@ -149,14 +150,22 @@ def representation_drift(run: Run, layers=None, reference: int = -1, debiased: b
     ref = _probe_indices(ds, reference)[0]
     to_ref = np.zeros((len(probes), len(layers)))
     to_prev = np.full((len(probes), len(layers)), np.nan)
+    n = ds.sizes["example"]
     for i, a in enumerate(layers):
-        ref_x = ds[a].isel(probe=ref).values
+        if n <= max_gram_samples:  # one unit-norm centred Gram per probe: O(P) Grams, not O(2P)
+            rep = unit_gram(ds[a].isel(probe=ref).values, debiased)
+            sim = lambda x, y: float(np.vdot(x, y))  # noqa: E731
+            load = lambda k: unit_gram(ds[a].isel(probe=k).values, debiased)  # noqa: E731
+        else:
+            rep = ds[a].isel(probe=ref).data
+            sim = lambda x, y: cka(x, y, debiased, max_gram_samples=0)  # noqa: E731
+            load = lambda k: ds[a].isel(probe=k).data  # noqa: E731
         prev = None
         for k in probes:
-            x = ds[a].isel(probe=k).values
-            to_ref[k, i] = cka(x, ref_x, debiased=debiased)
+            x = load(k)
+            to_ref[k, i] = sim(x, rep)
             if prev is not None:
-                to_prev[k, i] = cka(x, prev, debiased=debiased)
+                to_prev[k, i] = sim(x, prev)
             prev = x
     return xr.Dataset({"cka_to_reference": (("probe", "layer"), to_ref),
                        "cka_to_previous": (("probe", "layer"), to_prev)},

@@ -95,6 +95,9 @@ def test_cka_and_drift(tmp_path, acts):
     assert np.isnan(drift["cka_to_previous"].values[0]).all()
     want = linear_cka(acts["relu1"][0].astype(float), acts["relu1"][1].astype(float))
     assert drift["cka_to_previous"].sel(layer="relu1").values[1] == pytest.approx(want, rel=1e-6)
+    big = F.representation_drift(run, max_gram_samples=0)                # feature-space route
+    np.testing.assert_allclose(big["cka_to_reference"].values, drift["cka_to_reference"].values, rtol=1e-9)
+    np.testing.assert_allclose(big["cka_to_previous"].values, drift["cka_to_previous"].values, rtol=1e-9)
 
 
 def test_intra_layer_heatmaps(tmp_path, acts):
