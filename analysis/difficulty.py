@@ -21,12 +21,6 @@ from .run import Run
 from .sequences import Sequences, gather, per_example, time_table
 
 
-def _valid(seq: Sequences, name: str) -> tuple[np.ndarray, np.ndarray]:
-    v = seq.scores[name]
-    ok = ~np.isnan(v)
-    return v, ok
-
-
 def _mean_std(seq: Sequences, values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Per-example mean and population std (ddof=0), two-pass for accuracy."""
     ok = ~np.isnan(values)

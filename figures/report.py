@@ -46,7 +46,8 @@ def key_numbers(run: Run) -> dict[str, object]:
         out["final train accuracy (%)"] = 100 * float(last["train_accuracy"])
     if "eval_accuracy" in last:
         out["final held-out accuracy (%)"] = 100 * float(last["eval_accuracy"])
-        out["final generalisation gap, train - held-out (pp)"] = 100 * float(last["train_accuracy"] - last["eval_accuracy"])
+        gap = float(last["train_accuracy"] - last["eval_accuracy"])
+        out["final generalisation gap, train - held-out (pp)"] = 100 * gap
     if run.has("train", "logits"):
         f = analysis.forgetting(run, never_learned="exclude")
         out["examples presented"] = int(f.sizes["example"])
@@ -96,8 +97,12 @@ def _render_rows(run: Run, s: dict) -> tuple[list[str], list[list[str]]]:
             if key == "forgetting events" and np.isinf(v):
                 row.append("never learned")
                 continue
-            row.append(cls(v) if key in ("label", "clean label") else ("yes" if v is True or v is np.True_ else
-                                                                      "no" if v is False or v is np.False_ else _fmt(v)))
+            if key in ("label", "clean label"):
+                row.append(cls(v))
+            elif isinstance(v, (bool, np.bool_)):
+                row.append("yes" if v else "no")
+            else:
+                row.append(_fmt(v))
         rows.append(row)
     return header, rows
 
