@@ -75,7 +75,8 @@ def bin_lookup(edges: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 class ParamStats:
     """The per-step statistics over a fixed list of parameter tensors (torch only, no store)."""
 
-    def __init__(self, names: list[str], params: list[torch.Tensor], edges: np.ndarray):
+    def __init__(self, names: list[str], params: list[torch.Tensor], edges: np.ndarray,
+                 scatter: bool | None = None):
         if not params:
             raise ValueError("no trainable parameters to record")
         self.names, self.params = list(names), list(params)
@@ -95,6 +96,13 @@ class ParamStats:
         self.g, self.g_prev = torch.empty(n, **f32), torch.empty(n, **f32)
         self.w, self.w_prev = torch.empty(n, **f32), torch.empty(n, **f32)
         self.b_prev = self.hist_prev = self.neg_prev = None
+        # CUDA bincount reads max(input) back to size its output (a device sync per call):
+        # on accelerators histogram with one scatter-add into (param, bin) instead
+        self.scatter = dev.type != "cpu" if scatter is None else scatter
+        if self.scatter:
+            pid = torch.repeat_interleave(torch.arange(P, device=dev), torch.tensor(self.sizes, device=dev))
+            self.key = pid * self.nbins
+            self.ones = torch.ones(n, dtype=torch.int64, device=dev)
         self.has_prev = False
 
     def _views(self, flat: torch.Tensor) -> list[torch.Tensor]:
@@ -102,11 +110,14 @@ class ParamStats:
 
     def bins(self, a: torch.Tensor) -> torch.Tensor:
         """Bin index (uint8) of each |g| in `a` (float32, non-negative)."""
-        i = (a.view(torch.int32) >> 16).long()
+        i = a.view(torch.int32) >> 16
         return self.base.index_select(0, i).add_(a >= self.split.index_select(0, i))
 
     def _hist(self, b: torch.Tensor) -> torch.Tensor:
         nb = self.nbins
+        if self.scatter:
+            out = torch.zeros(len(self.sizes) * nb, dtype=torch.int64, device=b.device)
+            return out.index_add_(0, self.key + b, self.ones).view(-1, nb)
         return torch.stack([torch.bincount(s, minlength=nb) for s in torch.split(b, self.sizes)])
 
     @torch.no_grad()

@@ -96,3 +96,19 @@ def test_missing_gradient_counts_as_zero():
     row = ParamStats(["p", "q"], [p, q], hist_edges()).capture()
     assert row["grad_hist"][1, 0] == 2 and row["grad_hist"][0, 0] == 1
     assert row["unit_zero"].tolist() == [False, False, True, True, True]
+
+
+def test_scatter_histograms_equal_bincount_ones():
+    """The accelerator path (scatter-add, no device sync) gives the CPU path's numbers."""
+    rng = np.random.default_rng(2)
+    e = hist_edges()
+    params = [torch.nn.Parameter(torch.zeros(s)) for s in [(9, 4), (9,), (3, 2, 5)]]
+    a = ParamStats(["a", "b", "c"], params, e, scatter=False)
+    b = ParamStats(["a", "b", "c"], params, e, scatter=True)
+    for _ in range(3):
+        for p in params:
+            p.grad = torch.from_numpy(_crafted(rng, p.numel(), e).reshape(p.shape))
+        ra, rb = a.capture(), b.capture()
+        assert ra.keys() == rb.keys()
+        for k in ra:
+            torch.testing.assert_close(ra[k], rb[k], rtol=0, atol=0, equal_nan=True)
