@@ -4,6 +4,7 @@ from .extensions import ArraySpec, BatchContext, Extension, register_extension
 from .indexed import IndexedDataset
 from .recorder import Recorder, StepContext
 from .store import StoreExistsError
+from .params import ParamStatsExtension  # noqa: E402  optimization insight (issue 7)
 
 __all__ = ["Recorder", "IndexedDataset", "StepContext", "StoreExistsError", "Extension", "ArraySpec",
            "BatchContext", "register_extension"]
