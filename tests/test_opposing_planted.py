@@ -35,7 +35,6 @@ def test_planted_opposing_groups_precision_recall(planted):
     # the strongest opposing pair of groups is the planted one: classes 0 and 1
     a, b = int(res["group_a"][0]), int(res["group_b"][0])
     assert {int(res["group_class"][a]), int(res["group_class"][b])} == {0, 1}
-    assert res["gradient_cosine"][0] <= -0.45 and res["loss_correlation"][0] <= -0.3
 
 
 def test_control_run_yields_few_detections(control):

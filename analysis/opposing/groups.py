@@ -84,7 +84,7 @@ def _train_spikes(run: Run, steps: np.ndarray) -> np.ndarray:
 @register_analysis("opposing_groups", needs=("probe/grad_proj", "probe/loss"))
 def opposing_groups(run: Run, top_fraction: float = 0.05, min_hits: int = 1,
                     similarity: float = 0.6, min_group_size: int = 3,
-                    max_loss_correlation: float = -0.3, max_gradient_cosine: float = -0.45,
+                    max_loss_correlation: float = -0.2, max_gradient_cosine: float = -0.42,
                     cross_class: bool = True, max_candidates: int = 2000, top_steps: int = 5) -> xr.Dataset:
     """Groups of examples whose losses move in opposite directions and whose gradients oppose."""
     ds = gradient_group(run, "probe")
