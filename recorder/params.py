@@ -81,6 +81,9 @@ class ParamStats:
             raise ValueError("no trainable parameters to record")
         self.names, self.params = list(names), list(params)
         dev = params[0].device
+        if any(p.device != dev for p in params):
+            raise ValueError("the params extension needs the recorded parameters on one device; "
+                             "pass params=[names on one device] to ParamStatsExtension")
         self.sizes = [p.numel() for p in params]
         self.units = [int(p.shape[0]) if p.dim() >= 1 and p.numel() else 1 for p in params]
         n, P = sum(self.sizes), len(params)
