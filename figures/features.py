@@ -186,7 +186,9 @@ def feature_correlation(run: Run, layers=None, probe: int = -1, max_units: int =
             im = _heat(ax, r.values, DIVERGING_CMAP, -1, 1)
             ax.set_aspect("equal")
             ax.grid(False)
-            ax.set(xlabel="unit (sorted by index)", ylabel="unit", title=f"{F.display_name(a)} ({r.shape[0]} units)")
+            total = run.group("activations").sizes[f"{a}__unit"]
+            shown = f"{r.shape[0]} units" if r.shape[0] == total else f"{r.shape[0]} of {total} units"
+            ax.set(xlabel="unit", ylabel="unit", title=f"{F.display_name(a)} ({shown})")
         fig.colorbar(im, ax=axes, shrink=0.85, label="Pearson r over probe examples")
         fig.suptitle(f"Feature-feature correlation ({_probe_label(run, probe)})")
     return fig
