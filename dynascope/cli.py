@@ -109,11 +109,16 @@ def info(run_path, as_json):
 @click.option("--save/--no-save", default=False, help="Save results under the store's analysis/ group.")
 @click.option("--param", "params", multiple=True, metavar="NAME.KEY=VALUE",
               help="Analysis parameter, e.g. --param forgetting.never_learned=inf (repeatable).")
+@click.option("--opposing", is_flag=True,
+              help="Opposing-signal analyses only (docs/OPPOSING.md); tune with --param, "
+                   "e.g. opposing_pairs.cos_threshold=-0.6 or opposing_groups.similarity=0.7.")
 @user_errors
-def analyze(run_path, only, save, params):
+def analyze(run_path, only, save, params, opposing):
     """Print a summary of a run and (optionally) save analysis results."""
     from .analyze import run_analyses
 
+    if opposing:
+        only = tuple(only) + ("opposing_pairs", "majority_opposition", "opposing_groups")
     run_analyses(run_path, only=only, save=save, params=params, echo=click.echo)
 
 
