@@ -119,7 +119,7 @@ def layer_correlation(run: Run, layers=None, probes=None, max_units: int | None 
          "live_fraction": (("probe", "layer_a"), live)},
         coords={**_probe_coords(run, probes), **_pair_coords(layers)},
         attrs={"description": "mean |r| over all unit pairs (off-diagonal for a layer with itself); "
-                              "r = 0 for zero-variance units", "max_units": str(max_units)})
+                              "r = 0 for zero-variance units", "max_units": max_units or -1})
 
 
 @register_analysis("cka", needs=(GROUP,))

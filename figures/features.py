@@ -10,7 +10,7 @@ from analysis.correlation import mean_abs
 from analysis.run import Run
 
 from .registry import register_figure
-from .style import DIVERGING_CMAP, PALETTE, SEQUENTIAL_CMAP, style
+from .style import DIVERGING_CMAP, PALETTE, SEQUENTIAL_CMAP, integer_axis, style
 
 NEEDS = ("activations",)
 
@@ -29,6 +29,11 @@ def _probe_label(run: Run, probe: int) -> str:
 
 
 def _steps(ds) -> tuple[np.ndarray, str]:
+    """x positions of probe passes: epochs completed when probes are once per epoch, else steps."""
+    if "epoch" in ds.coords:
+        e = ds["epoch"].values
+        if len(e) > 1 and np.all(np.diff(e) == 1):
+            return e + 1, "epochs completed"
     if "step" in ds.coords:
         return ds["step"].values, "training step"
     return ds["probe"].values, "probe pass"
@@ -139,6 +144,8 @@ def cka_evolution(run: Run, layers=None, debiased: bool = False):
                      label=str(name))
         ax2.set(xlabel=xlabel, ylabel="CKA with final representation", title="Drift of each layer",
                 ylim=(0, 1.02))
+        for ax in (ax1, ax2):
+            integer_axis(ax)
         _legend_right(ax2, len(names))
     return fig
 
@@ -165,6 +172,8 @@ def layer_correlation_evolution(run: Run, layers=None, max_units: int = 256):
         ax2.set(xlabel=xlabel, ylabel="mean |r| between units", title="Between layers (solid: adjacent)")
         _legend_right(ax2, k)
         lo = min(0.0, float(res["mean_abs_r"].min()))
+        integer_axis(ax1)
+        integer_axis(ax2)
         for ax in (ax1, ax2):
             ax.set_ylim(lo, max(ax1.get_ylim()[1], ax2.get_ylim()[1]))
     return fig

@@ -176,7 +176,9 @@ class ActivationExtension(Extension):
             self._first_seen(module_name, tuple(output.shape[1:]), flat.shape[1])
         keep = self._subsets[module_name]
         if keep is not None:
-            flat = flat.index_select(1, keep.to(flat.device))
+            if keep.device != flat.device:  # move once, not every batch
+                keep = self._subsets[module_name] = keep.to(flat.device)
+            flat = flat.index_select(1, keep)
         return flat.to(getattr(torch, self.dtype))
 
     def _first_seen(self, module_name: str, shape: tuple, num_units: int) -> None:

@@ -137,7 +137,7 @@ def record_augmentation_variance(target, model: torch.nn.Module, dataset, sample
     for m in ext.modules:
         a, v, subset = array_name(m), ref[array_name(m)], ext._subsets.get(m)
         _array(group, f"{a}__clean", v.astype(np.float32), ("reference", f"{a}__unit"))
-        units = np.arange(v.shape[1]) if subset is None else subset.numpy()
+        units = np.arange(v.shape[1]) if subset is None else subset.cpu().numpy()
         _array(group, f"{a}__unit", units.astype(np.int64), (f"{a}__unit",), attrs=units_info.get(a, {}))
     _array(group, "sample_id", sample_ids, ("sample",))
     _array(group, "reference_id", reference_ids, ("reference",))
