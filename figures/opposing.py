@@ -161,6 +161,42 @@ def opposing_gradient_norms(run: Run, **params):
     return fig
 
 
+@register_figure("majority_opposition", needs=("train/grad_proj",))
+def majority_opposition_figure(run: Run, threshold: float = 0.0, window: int = 9):
+    """Share of each batch whose gradient opposes the rest of the batch, over training, and
+    each example's mean cosine to the others' mean gradient."""
+    r = analysis.majority_opposition(run, source="train", threshold=threshold)
+    frac = r["opposing_fraction"].values
+    steps = r["step"].values
+    ok = np.isfinite(frac)
+    kernel = np.ones(window)
+    with np.errstate(invalid="ignore", divide="ignore"):  # edge-corrected moving mean
+        smooth = np.convolve(np.where(ok, frac, 0), kernel, "same") / np.convolve(ok, kernel, "same")
+    per = r["mean_cosine"].values
+    ids = r["example"].values
+    with style():
+        fig, (ax, ax2) = plt.subplots(1, 2, figsize=(8.2, 2.9))
+        ax.plot(steps, 100 * frac, color=OTHER, lw=0.6, label="per step")
+        ax.plot(steps, 100 * smooth, color=TRAIN, lw=1.5, label=f"{window}-step mean")
+        ax.set(xlabel="training step", ylabel="examples opposing (% of batch)",
+               title=f"Opposing the batch (cos to the others' mean < {threshold})")
+        ax.legend()
+        edges = np.linspace(-1, 1, 41)
+        groups = [(np.ones(len(ids), bool), OTHER, "all examples")]
+        if run.has("ground_truth", "has_planted_feature"):
+            planted = run.ground_truth["has_planted_feature"].values[ids]
+            groups = [(~planted, OTHER, "without planted feature"), (planted, INCREASE, "with planted feature")]
+        for m, color, label in groups:
+            v = per[m & np.isfinite(per)]
+            ax2.hist(v, bins=edges, color=color, alpha=0.75, weights=np.full(len(v), 1 / max(len(v), 1)),
+                     label=f"{label} ({len(v)})")
+        ax2.axvline(threshold, color="0.3", ls="--", lw=0.8)
+        ax2.set(xlabel="mean cosine to the rest of the batch", ylabel="fraction of examples",
+                title="Per example, over its presentations")
+        ax2.legend(fontsize=6.5, loc="upper left")
+    return fig
+
+
 def _groups(run, params):
     return analysis.opposing_groups(run, **params)
 
