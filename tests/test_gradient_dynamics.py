@@ -179,3 +179,29 @@ def test_explicit_extension_wins_over_the_default_one(tmp_path):
     assert run.committed["params"] == 5 and run.group("params").sizes["step"] == 5
     assert run.group("snapshots")["step"].values.tolist() == [0, 3]
     assert run.extensions["params"]["snapshot_every"] == 3
+
+
+def test_gradient_accumulation_rows_and_update_norms(tmp_path):
+    h, lr = 2.0, 0.25
+    model = Coords(w=1.0)
+    opt = torch.optim.SGD(model.parameters(), lr=lr)
+    with Recorder(tmp_path / "acc.zarr", model, num_examples=1, optimizer=opt) as rec:
+        for t in range(6):
+            with rec.step(example_ids=torch.tensor([0]), epoch=0) as st:
+                loss = (0.5 * h * model.w ** 2).reshape(1)
+                st.record(losses=loss)
+                loss.sum().backward()
+            if t % 2 == 1:          # accumulate two batches per optimizer step
+                opt.step()
+                opt.zero_grad()
+    run = open_run(tmp_path / "acc.zarr")
+    p = run.group("params")
+    assert p["num_updates"].values.tolist() == [0, 1, 0, 1, 0, 1]
+    gd = gradient_dynamics(run)
+    w = [1.0, 1.0, 0.0, 0.0, 0.0, 0.0]       # w <- w - lr * (2 h w) = 0 after the first step
+    g = [h * 1.0, 2 * h * 1.0, 0.0, 0.0, 0.0, 0.0]   # accumulated gradients
+    np.testing.assert_array_equal(gd["grad_norm"].values, g)
+    np.testing.assert_array_equal(gd["update_norm"].values, [0, 1, 0, 0, 0, 0])
+    np.testing.assert_array_equal(gd["weight_diff_norm"].values[1:], np.abs(np.diff(w)))
+    assert np.isnan(gd["curvature_by_param"].values[1, 0])     # no step between rows 0 and 1
+    assert gd["below_eps"].values.tolist() == [0, 0, 1, 1, 1, 1]   # exact zeros once w = 0
