@@ -68,8 +68,13 @@ def pearson(X, Y=None, chunk_size: int = 1024) -> np.ndarray:
 
 
 def live_units(X, chunk_size: int = 1024) -> np.ndarray:
-    """Boolean (p,): units whose value varies over the samples."""
-    return cross_moments(X, X, chunk_size)[2] > 0
+    """Boolean (p,): units whose value varies over the samples (max != min; O(p) memory)."""
+    lo = hi = None
+    for s in range(0, X.shape[0], chunk_size):
+        x = np.asarray(X[s:s + chunk_size])
+        lo = x.min(0) if lo is None else np.minimum(lo, x.min(0))
+        hi = x.max(0) if hi is None else np.maximum(hi, x.max(0))
+    return hi > lo
 
 
 def mean_abs(r: np.ndarray, exclude_diagonal: bool = False) -> float:
