@@ -6,8 +6,11 @@
 2. Candidates are grouped within their class by gradient-projection similarity (average
    linkage on the cosine averaged over probes, merged while >= `similarity`).
 3. Two groups oppose when their mean loss changes are anti-correlated over time
-   (Pearson <= `max_loss_correlation`) and their mean unit gradients point apart
-   (cosine averaged over probes <= `max_gradient_cosine`).
+   (Pearson <= `max_loss_correlation`) and their mean gradients point apart when it matters:
+   the per-probe cosine of the groups' mean unit gradients, averaged with weights
+   |pull_a| |pull_b| |d_a d_b| (mean-gradient norms at the probe times the loss moves in the
+   following interval), is <= `max_gradient_cosine`. Unweighted, a short oscillation episode
+   is drowned by the long fitted phase where directions are noise.
 4. Oscillation strength per interval, sqrt(max(0, -d_a * d_b)), locates the steps where the
    two groups trade loss; it is correlated with spikes of the training loss in the interval.
 
@@ -65,6 +68,24 @@ def _pearson(a: np.ndarray, b: np.ndarray) -> float:
     return float((a * b).sum() / den) if den > 0 else np.nan
 
 
+def _group_gradients(ds, cand, group, K, P):
+    """Per probe and group: the unit vector of the mean unit gradient (direction) and the
+    norm of the mean raw gradient (how hard the group pulls). Pass 2 over the probes."""
+    direction = np.zeros((P, K, 1)) if K == 0 else None
+    pull = np.zeros((P, K))
+    for p in range(P):
+        G = probe_slice(ds, p)[0][cand].astype(np.float64)
+        G = np.where(np.isfinite(G), G, 0.0)
+        U = _unit(G)
+        if direction is None:
+            direction = np.zeros((P, K, G.shape[1]))
+        for g in range(K):
+            m = group == g
+            direction[p, g] = U[m].mean(0)
+            pull[p, g] = np.linalg.norm(G[m].mean(0))
+    return _unit(direction), pull
+
+
 def _train_spikes(run: Run, steps: np.ndarray) -> np.ndarray:
     """Per probe interval (steps[t], steps[t+1]]: the largest robust z of the batch-loss
     increase inside it (NaN without a train group)."""
@@ -83,8 +104,8 @@ def _train_spikes(run: Run, steps: np.ndarray) -> np.ndarray:
 
 @register_analysis("opposing_groups", needs=("probe/grad_proj", "probe/loss"))
 def opposing_groups(run: Run, top_fraction: float = 0.05, min_hits: int = 1,
-                    similarity: float = 0.6, min_group_size: int = 3,
-                    max_loss_correlation: float = -0.2, max_gradient_cosine: float = -0.42,
+                    similarity: float = 0.6, min_group_size: int = 5,
+                    max_loss_correlation: float = -0.2, max_gradient_cosine: float = -0.65,
                     cross_class: bool = True, max_candidates: int = 2000, top_steps: int = 5) -> xr.Dataset:
     """Groups of examples whose losses move in opposite directions and whose gradients oppose."""
     ds = gradient_group(run, "probe")
@@ -99,10 +120,11 @@ def opposing_groups(run: Run, top_fraction: float = 0.05, min_hits: int = 1,
     cand = np.flatnonzero(hits >= min_hits)
     if len(cand) > max_candidates:
         cand = np.sort(cand[np.argsort(-hits[cand], kind="stable")[:max_candidates]])
-    # mean pairwise gradient cosine over probes, and per-probe unit gradients of candidates
-    U = np.stack([_unit(probe_slice(ds, p)[0][cand].astype(np.float64)) for p in range(P)]) \
-        if len(cand) else np.zeros((P, 0, 1))
-    sim = np.einsum("pid,pjd->ij", U, U) / P
+    # pass 1: mean pairwise gradient cosine of the candidates over probes (O(M^2) memory)
+    sim = np.zeros((len(cand), len(cand)))
+    for p in range(P):
+        U = _unit(probe_slice(ds, p)[0][cand].astype(np.float64))
+        sim += U @ U.T / P
     group = np.full(len(cand), -1)
     next_id = 0
     for c in np.unique(tgt[cand]):
@@ -116,7 +138,7 @@ def opposing_groups(run: Run, top_fraction: float = 0.05, min_hits: int = 1,
     K = next_id
     mean_loss = np.stack([loss[:, cand[group == g]].mean(1) for g in range(K)]) if K else np.zeros((0, P))
     dmean = np.diff(mean_loss, axis=1)
-    gdir = np.stack([U[:, group == g].mean(1) for g in range(K)], 1) if K else np.zeros((P, 0, 1))
+    gdir, gpull = _group_gradients(ds, cand, group, K, P)
     gcls = np.array([np.bincount(tgt[cand[group == g]]).argmax() for g in range(K)], np.int64)
     spikes = _train_spikes(run, steps)
     rows = []
@@ -125,12 +147,14 @@ def opposing_groups(run: Run, top_fraction: float = 0.05, min_hits: int = 1,
             if cross_class and gcls[a] == gcls[b]:
                 continue
             rho = _pearson(dmean[a], dmean[b])
-            ua, ub = _unit(gdir[:, a]), _unit(gdir[:, b])
-            gcos = float(np.mean(np.sum(ua * ub, -1)))
+            cos_t = np.sum(gdir[:, a] * gdir[:, b], -1)  # per probe
+            # weight: both groups pull hard (mean-gradient norms) and their losses then move
+            w = gpull[:-1, a] * gpull[:-1, b] * np.abs(dmean[a] * dmean[b])
+            gcos = float((cos_t[:-1] * w).sum() / w.sum()) if w.sum() > 0 else np.nan
             if not (rho <= max_loss_correlation and gcos <= max_gradient_cosine):
                 continue
             osc = np.sqrt(np.maximum(0.0, -dmean[a] * dmean[b]))
-            rows.append((a, b, rho, gcos, osc, _pearson(osc, spikes)))
+            rows.append((a, b, rho, gcos, osc, _pearson(osc, spikes), float(cos_t.mean())))
     rows.sort(key=lambda r: -r[4].sum())
     return _result(run, ds, ids, tgt, steps, cand, hits, inc, dec, group, K, gcls, mean_loss,
                    dmean, rows, spikes, top_steps, locals_params(top_fraction, min_hits, similarity,
@@ -169,6 +193,7 @@ def _result(run, ds, ids, tgt, steps, cand, hits, inc, dec, group, K, gcls, mean
          "group_b": ("opposition", np.array([r[1] for r in rows], np.int64)),
          "loss_correlation": ("opposition", np.array([r[2] for r in rows], np.float32)),
          "gradient_cosine": ("opposition", np.array([r[3] for r in rows], np.float32)),
+         "gradient_cosine_unweighted": ("opposition", np.array([r[6] for r in rows], np.float32)),
          "oscillation": (("opposition", "interval"), osc.astype(np.float32)),
          "strongest_step": (("opposition", "rank"), steps[1:][top_int]),
          "spike_correlation": ("opposition", np.array([r[5] for r in rows], np.float32)),
