@@ -80,6 +80,15 @@ def layer_correlation_grid(run: Run, probe: int = -1, layers=None, max_units: in
     return fig
 
 
+def _pairs(n: int, pairs: str) -> list[tuple[int, int]]:
+    """Layer pairs i < j to draw: all of them when readable (<= 6 lines), else adjacent ones."""
+    if pairs == "auto":
+        pairs = "all" if n * (n - 1) // 2 <= 6 else "adjacent"
+    if pairs == "adjacent":
+        return [(i, i + 1) for i in range(n - 1)]
+    return [(i, j) for i in range(n) for j in range(i + 1, n)]
+
+
 def _legend_right(ax, entries: int) -> None:
     """Legend beside the panel: lines start at the same values and would hide it inside."""
     ax.legend(fontsize=6.5, ncol=1 if entries <= 10 else 2, loc="upper left", bbox_to_anchor=(1.01, 1.0),
@@ -122,7 +131,7 @@ def cka_heatmap(run: Run, probes=None, layers=None, debiased: bool = False, pane
 
 
 @register_figure("cka_evolution", needs=NEEDS)
-def cka_evolution(run: Run, layers=None, debiased: bool = False):
+def cka_evolution(run: Run, layers=None, debiased: bool = False, pairs: str = "auto"):
     """CKA of each layer pair over training, and each layer's drift towards its final state."""
     res = F.layer_cka(run, layers, debiased=debiased)
     drift = F.representation_drift(run, layers, debiased=debiased)
@@ -130,15 +139,13 @@ def cka_evolution(run: Run, layers=None, debiased: bool = False):
     names = list(res["layer_a"].values)
     with style():
         fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(8.6, 2.9))
-        k = 0
-        for i in range(len(names)):
-            for j in range(i + 1, len(names)):
-                ls = "-" if j == i + 1 else ":"
-                ax1.plot(x, res["cka"].values[:, i, j], ls, marker="o", ms=2.5, color=PALETTE[k % len(PALETTE)],
-                         label=f"{names[i]} / {names[j]}")
-                k += 1
-        ax1.set(xlabel=xlabel, ylabel="linear CKA", title="Between layers (solid: adjacent)", ylim=(0, 1.02))
-        _legend_right(ax1, k)
+        chosen = _pairs(len(names), pairs)
+        for k, (i, j) in enumerate(chosen):
+            ax1.plot(x, res["cka"].values[:, i, j], "-" if j == i + 1 else ":", marker="o", ms=2.5,
+                     color=PALETTE[k % len(PALETTE)], label=f"{names[i]} / {names[j]}")
+        ax1.set(xlabel=xlabel, ylabel="linear CKA", ylim=(0, 1.02),
+                title="Between layers" + (" (solid: adjacent)" if len(chosen) > len(names) - 1 else " (adjacent)"))
+        _legend_right(ax1, len(chosen))
         for i, name in enumerate(drift["layer"].values):
             ax2.plot(x, drift["cka_to_reference"].values[:, i], "-o", ms=2.5, color=PALETTE[i % len(PALETTE)],
                      label=str(name))
@@ -151,7 +158,7 @@ def cka_evolution(run: Run, layers=None, debiased: bool = False):
 
 
 @register_figure("layer_correlation_evolution", needs=NEEDS)
-def layer_correlation_evolution(run: Run, layers=None, max_units: int = 256):
+def layer_correlation_evolution(run: Run, layers=None, max_units: int = 256, pairs: str = "auto"):
     """Mean |Pearson r| between the units of each layer pair over training."""
     res = F.layer_correlation(run, layers, max_units=max_units)
     x, xlabel = _steps(res)
@@ -163,14 +170,13 @@ def layer_correlation_evolution(run: Run, layers=None, max_units: int = 256):
                      label=name)
         ax1.set(xlabel=xlabel, ylabel="mean |r| between units", title="Within a layer (redundancy)")
         _legend_right(ax1, len(names))
-        k = 0
-        for i in range(len(names)):
-            for j in range(i + 1, len(names)):
-                ax2.plot(x, res["mean_abs_r"].values[:, i, j], "-" if j == i + 1 else ":", marker="o", ms=2.5,
-                         color=PALETTE[k % len(PALETTE)], label=f"{names[i]} / {names[j]}")
-                k += 1
-        ax2.set(xlabel=xlabel, ylabel="mean |r| between units", title="Between layers (solid: adjacent)")
-        _legend_right(ax2, k)
+        chosen = _pairs(len(names), pairs)
+        for k, (i, j) in enumerate(chosen):
+            ax2.plot(x, res["mean_abs_r"].values[:, i, j], "-" if j == i + 1 else ":", marker="o", ms=2.5,
+                     color=PALETTE[k % len(PALETTE)], label=f"{names[i]} / {names[j]}")
+        ax2.set(xlabel=xlabel, ylabel="mean |r| between units",
+                title="Between layers" + (" (solid: adjacent)" if len(chosen) > len(names) - 1 else " (adjacent)"))
+        _legend_right(ax2, len(chosen))
         lo = min(0.0, float(res["mean_abs_r"].min()))
         integer_axis(ax1)
         integer_axis(ax2)
