@@ -247,8 +247,11 @@ def _describe(ds: xr.Dataset) -> None:
 
 
 @register_analysis("gradient_signs", needs=("snapshots",))
-def gradient_signs(run: Run, eps: float = 1e-5, params=None) -> xr.Dataset:
+def gradient_signs(run: Run, eps: float = 1e-5, params=None, near_zero_only: bool = False) -> xr.Dataset:
     """Sign of each snapshotted gradient component: 0 where |g| <= eps, else -1 / +1.
+
+    near_zero_only=True inverts the selection, as the earlier tool drew it: the sign where
+    0 < |g| <= eps, and 0 for the larger components.
 
     Columns (`index`) run over the snapshotted parameters in recording order, flattened;
     `param_start` marks where each parameter begins. Rows are snapshots, with their step and
@@ -271,7 +274,8 @@ def gradient_signs(run: Run, eps: float = 1e-5, params=None) -> xr.Dataset:
     blocks, starts, names, pos = [], [], [], 0
     for k in keys:
         g = np.asarray(snap[f"grad__{k}"].values, np.float32)
-        sign = np.where(np.abs(g) <= thr, 0, np.sign(g)).astype(np.int8)
+        small = np.abs(g) <= thr
+        sign = np.where(~small if near_zero_only else small, 0, np.sign(g)).astype(np.int8)
         sign[np.isnan(g)] = 0
         blocks.append(sign)
         starts.append(pos)
@@ -283,6 +287,7 @@ def gradient_signs(run: Run, eps: float = 1e-5, params=None) -> xr.Dataset:
                      coords={"step": ("snapshot", steps), "epoch": ("snapshot", ep[steps] if steps.size else steps)})
     out["param_start"] = ("snapshot_param", np.asarray(starts, np.int64))
     out["param_name"] = ("snapshot_param", np.asarray(names))
-    out["sign"].attrs["long_name"] = f"0 where |g| <= {eps:g}, else sign(g)"
-    out.attrs.update({"eps": float(eps)})
+    out["sign"].attrs["long_name"] = (f"sign(g) where |g| <= {eps:g}, else 0" if near_zero_only
+                                      else f"0 where |g| <= {eps:g}, else sign(g)")
+    out.attrs.update({"eps": float(eps), "near_zero_only": int(near_zero_only)})
     return out

@@ -165,9 +165,11 @@ def _rows_axis(ax, signs):
 
 
 @register_figure("gradient_sign_heatmap", needs=("snapshots",))
-def gradient_sign_heatmap(run: Run, eps: float = 1e-5, max_columns: int = 1600):
-    """Layer-wise gradient signs of the snapshotted tensors: green > 0, red < 0, white |g| ≤ eps."""
-    signs = analysis.gradient_signs(run, eps=eps)
+def gradient_sign_heatmap(run: Run, eps: float = 1e-5, max_columns: int = 1600, near_zero_only: bool = False):
+    """Layer-wise gradient signs of the snapshotted tensors: green > 0, red < 0, white |g| ≤ eps.
+
+    near_zero_only=True colours only the components with |g| ≤ eps (the earlier tool's view)."""
+    signs = analysis.gradient_signs(run, eps=eps, near_zero_only=near_zero_only)
     starts, names = signs["param_start"].values, signs["param_name"].values
     img, col_starts, cols = _downsample(signs["sign"].values, starts, max_columns)
     ncol = img.shape[1]
@@ -186,7 +188,8 @@ def gradient_sign_heatmap(run: Run, eps: float = 1e-5, max_columns: int = 1600):
         ax.set_xlabel("parameter tensor (first to last layer) and its number of components")
         cb = fig.colorbar(im, ax=ax, ticks=[-1, 0, 1], fraction=0.04, pad=0.02)
         cb.ax.set_yticklabels(["all g < 0", "0", "all g > 0"])
-        cb.set_label(f"mean sign in a column (0 where |g| ≤ {fmt_threshold(eps)})", fontsize=7)
+        where = "|g| > " if near_zero_only else "|g| ≤ "
+        cb.set_label(f"mean sign in a column (0 where {where}{fmt_threshold(eps)})", fontsize=7)
         per = int(np.ceil(sizes.max() / cols[np.argmax(sizes)]))
         ax.set_title(f"Layer-wise gradient signs ({sizes.sum():,} components; "
                      f"up to {per:,} per column; widths not to scale)")
@@ -194,9 +197,10 @@ def gradient_sign_heatmap(run: Run, eps: float = 1e-5, max_columns: int = 1600):
 
 
 @register_figure("gradient_sign_heatmap_zoom", needs=("snapshots",))
-def gradient_sign_heatmap_zoom(run: Run, eps: float = 1e-5, start: int | None = None, width: int = 300):
+def gradient_sign_heatmap_zoom(run: Run, eps: float = 1e-5, start: int | None = None, width: int = 300,
+                               near_zero_only: bool = False):
     """Zoom into `width` consecutive gradient components of the sign heatmap, one column each."""
-    signs = analysis.gradient_signs(run, eps=eps)
+    signs = analysis.gradient_signs(run, eps=eps, near_zero_only=near_zero_only)
     n = signs.sizes["index"]
     starts, names = signs["param_start"].values, signs["param_name"].values
     if start is None:  # default: the start of the last tensor wide enough (the output layer's weights)
@@ -218,7 +222,11 @@ def gradient_sign_heatmap_zoom(run: Run, eps: float = 1e-5, start: int | None = 
         ax.set_xlabel("gradient component index (flattened, first to last layer)")
         ax.ticklabel_format(axis="x", style="plain", useOffset=False)
         cb = fig.colorbar(im, ax=ax, ticks=[-1, 0, 1], fraction=0.04, pad=0.02)
-        cb.ax.set_yticklabels(["g < 0", f"|g| ≤ {fmt_threshold(eps)}", "g > 0"])
+        small = f"|g| ≤ {fmt_threshold(eps)}"
+        if near_zero_only:
+            cb.ax.set_yticklabels([f"g < 0, {small}", f"|g| > {fmt_threshold(eps)}", f"g > 0, {small}"])
+        else:
+            cb.ax.set_yticklabels(["g < 0", small, "g > 0"])
         ax.set_title(f"Gradient signs of {', '.join(inside)}: components {start:,}–{stop - 1:,}")
     return fig
 

@@ -205,3 +205,18 @@ def test_gradient_accumulation_rows_and_update_norms(tmp_path):
     np.testing.assert_array_equal(gd["weight_diff_norm"].values[1:], np.abs(np.diff(w)))
     assert np.isnan(gd["curvature_by_param"].values[1, 0])     # no step between rows 0 and 1
     assert gd["below_eps"].values.tolist() == [0, 0, 1, 1, 1, 1]   # exact zeros once w = 0
+
+
+def test_gradient_signs_near_zero_only_is_the_complement(tmp_path):
+    torch.manual_seed(3)
+    net = torch.nn.Linear(4, 3)
+    x = torch.randn(8, 4) * torch.tensor([1e-7, 1e-5, 1e-3, 1.0])
+    run = _record(tmp_path / "n.zarr", net, lambda m: m(x).pow(2).mean(), 0.1, 3,
+                  snapshot_params="all", snapshot_every=1)
+    g = np.concatenate([run.group("snapshots")[f"grad__{k}"].values for k in ("weight", "bias")], axis=1)
+    small = np.abs(g) <= np.float32(1e-5)
+    assert small.any() and (~small).any()
+    a = gradient_signs(run, eps=1e-5)["sign"].values
+    b = gradient_signs(run, eps=1e-5, near_zero_only=True)["sign"].values
+    np.testing.assert_array_equal(a, np.where(small, 0, np.sign(g)))
+    np.testing.assert_array_equal(b, np.where(small, np.sign(g), 0))
