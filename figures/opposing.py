@@ -31,7 +31,7 @@ def _names(run: Run, classes) -> list[str]:
 def opposing_pairs_over_time(run: Run, **params):
     """Number of opposing pairs and of examples involved at each probe pass."""
     r = analysis.opposing_pairs(run, **params)
-    x = r["step"].values if r.attrs["time_dim"] == "probe" else r["step"].values
+    x = r["step"].values  # probe passes carry the training step they followed
     with style():
         fig, ax = plt.subplots(figsize=(4.6, 2.8))
         ax.plot(x, r["pair_count"], "o-", ms=3, color=TRAIN, label="opposing pairs")
@@ -227,8 +227,8 @@ def opposing_group_trajectories(run: Run, max_pairs: int = 2, **params):
                         label=f"group {gi}: {name}, {len(members)} examples")
             for s in g["strongest_step"].values[k][:3]:
                 ax.axvline(s, color="0.4", ls=":", lw=0.8)
-            ax.set(ylabel="loss", title=f"Opposing groups (loss corr {float(g['loss_correlation'][k]):.2f}, "
-                                        f"gradient cos {float(g['gradient_cosine'][k]):.2f})")
+            ax.set(ylabel="loss at probe pass", title=f"Opposing groups (loss corr {float(g['loss_correlation'][k]):.2f}, "
+                                        f"weighted gradient cos {float(g['gradient_cosine'][k]):.2f})")
             ax.legend(fontsize=6.5, loc="upper right")
         ax = axes[-1]
         bl = run.train["batch_loss"].values if run.has("train", "batch_loss") else None

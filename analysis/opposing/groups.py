@@ -105,7 +105,7 @@ def _train_spikes(run: Run, steps: np.ndarray) -> np.ndarray:
 @register_analysis("opposing_groups", needs=("probe/grad_proj", "probe/loss"))
 def opposing_groups(run: Run, top_fraction: float = 0.05, min_hits: int = 1,
                     similarity: float = 0.6, min_group_size: int = 5,
-                    max_loss_correlation: float = -0.2, max_gradient_cosine: float = -0.65,
+                    max_loss_correlation: float = -0.2, max_gradient_cosine: float = -0.7,
                     cross_class: bool = True, max_candidates: int = 2000, top_steps: int = 5) -> xr.Dataset:
     """Groups of examples whose losses move in opposite directions and whose gradients oppose."""
     ds = gradient_group(run, "probe")
@@ -149,7 +149,7 @@ def opposing_groups(run: Run, top_fraction: float = 0.05, min_hits: int = 1,
             rho = _pearson(dmean[a], dmean[b])
             cos_t = np.sum(gdir[:, a] * gdir[:, b], -1)  # per probe
             # weight: both groups pull hard (mean-gradient norms) and their losses then move
-            w = gpull[:-1, a] * gpull[:-1, b] * np.abs(dmean[a] * dmean[b])
+            w = gpull[:-1, a] * gpull[:-1, b] * np.maximum(0.0, -dmean[a] * dmean[b])
             gcos = float((cos_t[:-1] * w).sum() / w.sum()) if w.sum() > 0 else np.nan
             if not (rho <= max_loss_correlation and gcos <= max_gradient_cosine):
                 continue
