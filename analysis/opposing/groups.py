@@ -107,7 +107,8 @@ def opposing_groups(run: Run, top_fraction: float = 0.05, min_hits: int = 1,
                     similarity: float = 0.6, min_group_size: int = 5,
                     max_loss_correlation: float = -0.2, max_gradient_cosine: float = -0.7,
                     cross_class: bool = True, max_candidates: int = 2000, top_steps: int = 5) -> xr.Dataset:
-    """Groups of examples whose losses move in opposite directions and whose gradients oppose."""
+    """Groups of examples whose losses move in opposite directions and whose gradients oppose
+    (defaults chosen on recorded planted/control runs; see docs/OPPOSING.md)."""
     ds = gradient_group(run, "probe")
     loss = np.asarray(ds["loss"].values, dtype=np.float64)
     ids = np.asarray(ds["example_id"].values)
