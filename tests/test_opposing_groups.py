@@ -81,3 +81,19 @@ def test_thresholds_are_parameters_not_baked_in(runs):
     # groups larger than the planted ones cannot form
     res = analysis.opposing_groups(runs[8], min_group_size=9)
     assert res.sizes["group"] == 0
+
+
+def test_weighted_opposition_counts_only_oscillating_intervals():
+    from analysis.opposing.groups import weighted_opposition
+
+    cos_t = np.array([0.5, 0.5, -1.0, 0.5, 0.9])   # per probe; the last has no interval after it
+    ones = np.ones(5)
+    d_a = np.array([0.1, 0.1, 1.0, -0.2])          # both fall, both rise, trade, both fall
+    d_b = np.array([0.1, 0.1, -1.0, -0.2])
+    assert weighted_opposition(cos_t, ones, ones, d_a, d_b) == pytest.approx(-1.0)
+    # pull strength weights too: a strong pull at an opposed probe dominates a weak one
+    cos_t = np.array([0.8, -0.8, 0.0])
+    w = weighted_opposition(cos_t, np.array([0.1, 1.0, 1.0]), np.ones(3),
+                            np.array([1.0, 1.0]), np.array([-1.0, -1.0]))
+    assert w == pytest.approx((0.8 * 0.1 - 0.8 * 1.0) / 1.1)
+    assert np.isnan(weighted_opposition(cos_t, ones[:3], ones[:3], np.ones(2), np.ones(2)))

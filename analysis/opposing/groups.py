@@ -4,13 +4,14 @@
    `top_fraction` largest increases and largest decreases of every interval are the extreme
    movers; examples that are extreme in >= `min_hits` intervals are candidates.
 2. Candidates are grouped within their class by gradient-projection similarity (average
-   linkage on the cosine averaged over probes, merged while >= `similarity`).
+   linkage on the cosine averaged over probes, merged while >= `similarity`); groups smaller
+   than `min_group_size` are dropped.
 3. Two groups oppose when their mean loss changes are anti-correlated over time
    (Pearson <= `max_loss_correlation`) and their mean gradients point apart when it matters:
    the per-probe cosine of the groups' mean unit gradients, averaged with weights
-   |pull_a| |pull_b| |d_a d_b| (mean-gradient norms at the probe times the loss moves in the
-   following interval), is <= `max_gradient_cosine`. Unweighted, a short oscillation episode
-   is drowned by the long fitted phase where directions are noise.
+   |pull_a| |pull_b| max(0, -d_a d_b) (mean-gradient norms at the probe times the groups'
+   oscillation in the following interval), is <= `max_gradient_cosine`. Unweighted, a short
+   oscillation episode is drowned by the long fitted phase where directions are noise.
 4. Oscillation strength per interval, sqrt(max(0, -d_a * d_b)), locates the steps where the
    two groups trade loss; it is correlated with spikes of the training loss in the interval.
 
@@ -51,6 +52,14 @@ def robust_z(x: np.ndarray, axis=-1) -> np.ndarray:
     mad = 1.4826 * np.nanmedian(np.abs(x - med), axis=axis, keepdims=True)
     with np.errstate(invalid="ignore", divide="ignore"):
         return (x - med) / np.where(mad > 0, mad, np.nan)
+
+
+def weighted_opposition(cos_t, pull_a, pull_b, d_a, d_b) -> float:
+    """Mean of the per-probe gradient cosine (P,), weighted by how hard both groups pull at
+    the probe (P,) times their oscillation max(0, -d_a d_b) in the interval after it (P-1,).
+    NaN when the groups never move in opposite directions."""
+    w = pull_a[:-1] * pull_b[:-1] * np.maximum(0.0, -d_a * d_b)
+    return float((cos_t[:-1] * w).sum() / w.sum()) if w.sum() > 0 else np.nan
 
 
 def _unit(G):
@@ -149,9 +158,7 @@ def opposing_groups(run: Run, top_fraction: float = 0.05, min_hits: int = 1,
                 continue
             rho = _pearson(dmean[a], dmean[b])
             cos_t = np.sum(gdir[:, a] * gdir[:, b], -1)  # per probe
-            # weight: both groups pull hard (mean-gradient norms) and their losses then move
-            w = gpull[:-1, a] * gpull[:-1, b] * np.maximum(0.0, -dmean[a] * dmean[b])
-            gcos = float((cos_t[:-1] * w).sum() / w.sum()) if w.sum() > 0 else np.nan
+            gcos = weighted_opposition(cos_t, gpull[:, a], gpull[:, b], dmean[a], dmean[b])
             if not (rho <= max_loss_correlation and gcos <= max_gradient_cosine):
                 continue
             osc = np.sqrt(np.maximum(0.0, -dmean[a] * dmean[b]))
