@@ -52,7 +52,7 @@ class Variant:
             self.rec = Recorder(Path(tmp) / f"{name}.zarr", self.model, num_classes=10,
                                 num_examples=N_EXAMPLES, optimizer=self.opt, chunk_steps=8,
                                 **rec_kwargs).open()
-        self.wall, self.cpu, self.steps = [], [], 0
+        self.wall, self.cpu, self.thread, self.steps = [], [], [], 0
 
     def step(self, x, y, ids):
         m, opt = self.model, self.opt
@@ -69,10 +69,11 @@ class Variant:
         opt.zero_grad(set_to_none=True)
 
     def timed(self, x, y, ids):
-        w0, c0 = time.perf_counter(), time.process_time()
+        w0, c0, t0 = time.perf_counter(), time.process_time(), time.thread_time()
         self.step(x, y, ids)
         self.wall.append(time.perf_counter() - w0)
         self.cpu.append(time.process_time() - c0)
+        self.thread.append(time.thread_time() - t0)
 
 
 class LoopVariant(Variant):
@@ -219,14 +220,19 @@ def main(argv=None):
                 writer_stats[v.name] = (blocked, w.bytes_written, w.write_seconds)
         plain = statistics.median(variants[0].wall)
         plain_cpu = statistics.median(variants[0].cpu)
+        plain_thr = statistics.median(variants[0].thread)
         print(f"# seed CNN ({n_params:,} params), batch {B}, CPU, torch threads {args.threads}, "
               f"torch {torch.__version__}")
         print(f"# {args.rounds} interleaved rounds x {args.steps} steps; medians; "
               f"load average {os.getloadavg()[0]:.2f} at the end")
-        print(f"{'variant':28s} {'wall ms':>9s} {'ratio':>7s} {'cpu ms':>9s} {'cpu ratio':>9s}")
+        print("# wall: elapsed; process cpu: all threads (torch workers incl. spin-waits, writer);")
+        print("# train-thread cpu: the training thread alone = all torch compute when --threads 1")
+        print(f"{'variant':24s} {'wall ms':>8s} {'ratio':>6s} {'proc cpu ms':>11s} {'ratio':>6s} "
+              f"{'train-thread cpu ms':>19s} {'ratio':>6s}")
         for v in variants + baselines:
-            w, c = statistics.median(v.wall), statistics.median(v.cpu)
-            print(f"{v.name:28s} {w * 1e3:9.1f} {w / plain:7.2f} {c * 1e3:9.1f} {c / plain_cpu:9.2f}")
+            w, c, t = (statistics.median(a) for a in (v.wall, v.cpu, v.thread))
+            print(f"{v.name:24s} {w * 1e3:8.1f} {w / plain:6.2f} {c * 1e3:11.1f} {c / plain_cpu:6.2f} "
+                  f"{t * 1e3:19.1f} {t / plain_thr:6.2f}")
         print()
         nbytes, wall, busy = writer_throughput(tmp, B, args.proj_dim, args.writer_rows)
         raw = raw_write_rate(nbytes, tmp)
