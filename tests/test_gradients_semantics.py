@@ -225,3 +225,27 @@ def test_no_backward_gives_nan_with_a_warning():
     with pytest.warns(RuntimeWarning, match="no backward"):
         out = ext.columns(b)
     assert torch.isnan(out["grad_norm"]).all() and torch.isnan(out["grad_proj"]).all()
+
+
+class Flat(nn.Module):
+    """A Linear applied to (B*T, d): its rows are not examples, so it cannot be attributed."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(4, 4)
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x):
+        B, T, d = x.shape
+        return self.head(self.lin(x.reshape(B * T, d)).reshape(B, T, d).mean(1))
+
+
+def test_layer_whose_rows_are_not_examples_is_nan_others_exact():
+    torch.manual_seed(9)
+    m, x, y = Flat(), torch.randn(5, 3, 4), torch.randint(0, 3, (5,))
+    ext = GradientExtension(projection_dim=16).attach_model(m)
+    with pytest.warns(RuntimeWarning, match="not the batch"):
+        cols = record(m, ext, x, y)
+    sq, _ = reference(m, ext, x, y)
+    assert torch.isnan(cols["grad_norm_layer"][:, 0]).all()
+    assert rel_err(cols["grad_norm_layer"][:, 1:].square(), sq[:, 1:]) <= 1e-4
