@@ -1,5 +1,6 @@
 """`dynascope demo`: the whole pipeline on generated data, on a CPU, in about two minutes:
-record a `planted` run, analyze it, render every figure and the report."""
+record a `planted` run, analyze it, render every figure and the report (the report
+renders the figures once into <out>/figures; report.html and summary.txt sit beside them)."""
 from __future__ import annotations
 
 import importlib.util
@@ -22,7 +23,8 @@ def demo_config(out_dir: Path, epochs: int, device: str):
                        batch_size=128, lr=0.05, device=device, probe_size=500, probe_every=8,
                        grad_norms=grads, grad_proj_dim=1024 if grads else 0,
                        activations="conv1,conv2,fc1,fc2" if _has("recorder.activations") else None,
-                       overwrite=True)
+                       augment_samples="0,1,2,3" if _has("recorder.augment") else None, augment_n=100,
+                       snapshot_params="conv2.weight,fc2.weight", snapshot_every=2, overwrite=True)
 
 
 def run_demo(out_dir: Path, epochs: int = 12, device: str = "cpu", echo=print) -> dict:
@@ -31,31 +33,26 @@ def run_demo(out_dir: Path, epochs: int = 12, device: str = "cpu", echo=print) -
     out_dir.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     cfg = demo_config(out_dir, epochs, device)
-    echo(f"[1/4] recording {cfg.epochs} epochs of a planted run → {cfg.out}")
+    echo(f"[1/3] recording {cfg.epochs} epochs of a planted run → {cfg.out}")
     run_path = record_run(cfg)
     t1 = time.perf_counter()
 
     from .analyze import run_analyses
 
-    echo(f"[2/4] analyzing ({t1 - t0:.0f} s so far)")
+    echo(f"[2/3] analyzing ({t1 - t0:.0f} s so far)")
     run_analyses(run_path, save=True, echo=echo)
 
     from analysis import open_run
-    from figures import render_all
+    from figures.report import write_report
 
+    t2 = time.perf_counter()
+    echo(f"[3/3] rendering every figure and the report → {out_dir} ({t2 - t0:.0f} s so far)")
+    report = write_report(open_run(run_path), out_dir, progress=False)
     fig_dir = out_dir / "figures"
-    echo(f"[3/4] rendering figures → {fig_dir}")
-    written = render_all(open_run(run_path), fig_dir)
-    report = None
-    if _has("figures.report"):
-        from figures.report import write_report
-
-        echo(f"[4/4] writing the report → {out_dir / 'report'}")
-        report = write_report(run_path, out_dir / "report")
+    written = sorted(p.name for p in fig_dir.iterdir())
     echo("")
     echo(f"done in {time.perf_counter() - t0:.0f} s")
     echo(f"  run store : {run_path}    (dynascope info {run_path})")
     echo(f"  figures   : {fig_dir}  ({len(written)} rendered)")
-    if report:
-        echo(f"  report    : {report}")
+    echo(f"  report    : {report}  (and {out_dir / 'summary.txt'})")
     return {"run": run_path, "figures": written, "report": report}

@@ -42,8 +42,16 @@ class TrainConfig:
     probe_every: int = 0              # steps between probe passes; 0 = once per epoch
     grad_norms: bool = False
     grad_proj_dim: int = 0            # 0 = no projections
+    grad_seed: int = 0
+    grad_layers: str | None = None    # comma-separated module names / fnmatch patterns
     param_stats: bool = True
+    snapshot_params: str | None = None  # comma-separated parameter names, or "all"
+    snapshot_every: int = 0
     activations: str | None = None    # comma-separated layer names or module types
+    activation_pool: str = "mean"
+    activation_max_units: int = 2048
+    augment_samples: str | None = None  # comma-separated training example ids
+    augment_n: int = 300
     overwrite: bool = False
     chunk_steps: int = 64
     dataset_options: dict = field(default_factory=dict)
@@ -82,6 +90,26 @@ def make_schedule(cfg: TrainConfig, optimizer, steps_per_epoch: int):
     return builders[cfg.schedule]()
 
 
+def _split(text: str | None) -> list[str]:
+    return [s.strip() for s in (text or "").split(",") if s.strip()]
+
+
+def _extension_options(cfg: TrainConfig) -> dict:
+    """Recorder keywords for the extensions the config asks for."""
+    options: dict = {"param_stats": cfg.param_stats}
+    if cfg.param_stats and cfg.snapshot_params:
+        snap = _split(cfg.snapshot_params)
+        options.update(snapshot_params="all" if snap == ["all"] else snap,
+                       snapshot_every=cfg.snapshot_every or 1)
+    if cfg.grad_norms or cfg.grad_proj_dim:
+        options.update(grad_norms=cfg.grad_norms, grad_projection=cfg.grad_proj_dim or None,
+                       grad_seed=cfg.grad_seed, grad_layers=_split(cfg.grad_layers) or None)
+    if cfg.activations:
+        options.update(activations=_split(cfg.activations), activation_pool=cfg.activation_pool,
+                       activation_max_units=cfg.activation_max_units)
+    return options
+
+
 def _probe_subset(n: int, size: int, seed: int) -> np.ndarray:
     if size <= 0 or size >= n:
         return np.arange(n)
@@ -115,11 +143,7 @@ def record_run(cfg: TrainConfig, progress: bool = True) -> Path:
     probe_loader = DataLoader(Subset(train_set, probe_ids.tolist()), batch_size=256, shuffle=False)
     eval_loader = DataLoader(IndexedDataset(bundle.test), batch_size=256, shuffle=False)
     schedule = make_schedule(cfg, optimizer, len(train_loader))
-    options = {"param_stats": cfg.param_stats}
-    if cfg.grad_norms or cfg.grad_proj_dim:
-        options.update(grad_norms=cfg.grad_norms, grad_projection=cfg.grad_proj_dim or None)
-    if cfg.activations:
-        options["activations"] = [s.strip() for s in cfg.activations.split(",") if s.strip()]
+    options = _extension_options(cfg)
     recorder = Recorder(cfg.out, model, num_classes=bundle.num_classes, num_examples=len(train_set),
                         optimizer=optimizer, config=asdict(cfg), overwrite=cfg.overwrite,
                         chunk_steps=cfg.chunk_steps, expected_steps=cfg.epochs * len(train_loader),
@@ -151,4 +175,11 @@ def record_run(cfg: TrainConfig, progress: bool = True) -> Path:
             rec.evaluate(eval_loader)
             bar.set_postfix(epoch=epoch)
         bar.close()
+        if cfg.augment_samples:
+            from .augment import record_augmentation_variance
+
+            record_augmentation_variance(rec, model, bundle.train, [int(i) for i in _split(cfg.augment_samples)],
+                                         n_aug=cfg.augment_n, layers=_split(cfg.activations) or None,
+                                         pool=cfg.activation_pool, max_units=cfg.activation_max_units,
+                                         device=device)
     return Path(cfg.out)

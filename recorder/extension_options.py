@@ -19,6 +19,8 @@ KEYWORDS = {
     "snapshot_every": ("params", "recorder.params", "snapshot_every"),
     "activations": ("activations", "recorder.activations", "layers"),
     "activation_pool": ("activations", "recorder.activations", "pool"),
+    "activation_max_units": ("activations", "recorder.activations", "max_units"),
+    "activation_dtype": ("activations", "recorder.activations", "dtype"),
 }
 # an extension is built when its enabling keyword is truthy
 ENABLING = {"gradients": ("grad_norms", "grad_projection"), "params": ("param_stats",),
@@ -29,12 +31,15 @@ DEFAULT_ARGS = {"gradients": {"norms": False, "projection_dim": None}}
 DEFAULT_KEYWORDS = {"param_stats": True}
 
 
-def build(options: dict, registry: dict) -> list:
+def build(options: dict, registry: dict, given=()) -> list:
+    """Extensions for the keyword options; a keyword default never duplicates an extension
+    the caller passed as an instance (`given`)."""
     unknown = set(options) - set(KEYWORDS)
     if unknown:
         raise TypeError(f"Recorder got unknown keyword(s) {sorted(unknown)}; "
                         f"known: {sorted(KEYWORDS)}")
-    options = {**DEFAULT_KEYWORDS, **options}
+    given_names = {getattr(e, "name", None) for e in given}
+    options = {**{k: v for k, v in DEFAULT_KEYWORDS.items() if KEYWORDS[k][0] not in given_names}, **options}
     kwargs: dict[str, dict] = {name: dict(args) for name, args in DEFAULT_ARGS.items()}
     for key, value in options.items():
         name, module, arg = KEYWORDS[key]

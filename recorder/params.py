@@ -208,7 +208,6 @@ class ParamStatsExtension(Extension):
         self._rec = None
         self.stats: ParamStats | None = None
         self._handles: list = []
-        self._writer = None
         self._pending: dict | None = None
         self._need_capture = False
         self._step = 0
@@ -239,7 +238,7 @@ class ParamStatsExtension(Extension):
             raise ValueError(f"snapshot_params {missing} are not recorded parameters; available: {names}")
         self._snap_idx = [names.index(n) for n in snap]
         self.stats = ParamStats(names, [p for _, p in named], self.edges)
-        self._rec, self._writer = recorder, recorder.writer
+        self._rec = recorder
         self._optimizer = recorder.optimizer
         if self._optimizer is not None:
             self._handles = [self._optimizer.register_step_pre_hook(self._pre_step),
@@ -336,12 +335,7 @@ class ParamStatsExtension(Extension):
         self._append("params", {k: v for k, v in row.items() if v is not None})
 
     def _append(self, group: str, row: dict) -> None:
-        if getattr(self._rec, "_writer", True) is None and self._writer is not None:
-            # Recorder.close calls extension close() while its writer is detached; use the
-            # writer seen at attach (the object append_row would use).
-            self._writer.append(group, row)
-        else:
-            self._rec.append_row(group, row)
+        self._rec.append_row(group, row)
 
     def close(self, recorder) -> None:
         if self._pending is not None:

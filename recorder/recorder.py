@@ -53,7 +53,7 @@ class Recorder:
         self.chunk_steps = int(chunk_steps)
         self.expected_steps = expected_steps
         self.loss_fn = loss_fn or (_classification_loss if self.num_classes else _regression_loss)
-        self.extensions: list[Extension] = list(extensions) + store_mod.build_extensions(extension_options)
+        self.extensions: list[Extension] = list(extensions) + store_mod.build_extensions(extension_options, extensions)
         self.dataset_info = dict(dataset_info or {})
         self.model_info = dict(model_info or {})
         self.epoch: int | None = None      # set it to override epoch inference
@@ -111,38 +111,42 @@ class Recorder:
                 "committed": {name: 0 for name, _, _ in store_mod.ROW_GROUPS}}
 
     def _finish(self, status: str, error: str | None = None) -> None:
+        """Flush extensions and buffers, record the final status; on failure keep
+        everything already recorded and never mask the original error."""
         if self._writer is None:
             return
-        writer, self._writer = self._writer, None
+        writer = self._writer
         for h in self._handles:
             h.remove()
         attrs = {"status": status, "finished": store_mod.now()}
         if error:
             attrs["error"] = error
-        if status == "complete":
+        try:
+            for ext in self.extensions:   # extensions may append their last rows here
+                try:
+                    ext.close(self)
+                except Exception:  # noqa: BLE001
+                    if status == "complete":
+                        raise
             for ext in self.extensions:
-                ext.close(self)
-            for ext in self.extensions:
-                ext.detach()
-            self._writer = writer  # extensions may append during close
+                try:
+                    ext.detach()
+                except Exception:  # noqa: BLE001
+                    if status == "complete":
+                        raise
             writer.update_attrs({"extensions": {e.name: e.metadata() for e in self.extensions}})
             writer.update_attrs(attrs)
-            self._writer = None
             writer.close(trim=True)
-            store_mod.consolidate(self.path)
-            return
-        # failure: keep everything already recorded, never mask the original error
-        for ext in self.extensions:
-            try:
-                ext.detach()
-            except Exception:  # noqa: BLE001
-                pass
-        try:
-            writer.flush()
-            writer.update_attrs(attrs)
-            writer.close(trim=True)
-        except BaseException:  # noqa: BLE001
+        except BaseException:
+            if status == "complete":
+                self._writer = None
+                writer.abort()
+                raise
             writer.abort()
+        finally:
+            self._writer = None
+        if status == "complete":
+            store_mod.consolidate(self.path)
 
     @property
     def writer(self) -> ChunkWriter:

@@ -115,11 +115,11 @@ def core_specs(classification: bool) -> list[ArraySpec]:
     return specs
 
 
-def build_extensions(options: dict) -> list[Extension]:
+def build_extensions(options: dict, given=()) -> list[Extension]:
     """Turn Recorder keyword options (grad_norms=..., activations=...) into extensions."""
     from . import extension_options
 
-    return extension_options.build(options, EXTENSIONS)
+    return extension_options.build(options, EXTENSIONS, given)
 
 
 def consolidate(path: Path) -> None:
