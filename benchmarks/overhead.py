@@ -146,7 +146,7 @@ def writer_throughput(tmp: str, B: int, proj_dim: int, rows: int):
     Recorder's writer; returns (bytes, wall seconds incl. the final flush, writer busy s)."""
     model = build_model("cnn", 10, (3, 32, 32))
     rec = Recorder(Path(tmp) / "writer.zarr", model, num_classes=10, num_examples=N_EXAMPLES,
-                   chunk_steps=64, grad_norms=True, grad_projection=proj_dim).open()
+                   chunk_steps=64, grad_norms=True, grad_projection=proj_dim, param_stats=False).open()
     n_layers = len(rec.extensions[0].layers)
     g = torch.Generator().manual_seed(0)
     rows_data = []
@@ -190,10 +190,14 @@ def main(argv=None):
     B = args.batch
     with tempfile.TemporaryDirectory(prefix="dynascope-bench-") as tmp:
         variants = [Variant("plain", base, tmp),
-                    Variant("rec_losses_logits", base, tmp, {}),
-                    Variant("rec_norms", base, tmp, {"grad_norms": True}),
-                    Variant("rec_norms_proj", base, tmp, {"grad_norms": True, "grad_projection": args.proj_dim}),
-                    Variant("rec_proj_only", base, tmp, {"grad_norms": False, "grad_projection": args.proj_dim})]
+                    Variant("rec_losses_logits", base, tmp, {"param_stats": False}),
+                    Variant("rec_norms", base, tmp, {"grad_norms": True, "param_stats": False}),
+                    Variant("rec_norms_proj", base, tmp, {"grad_norms": True, "grad_projection": args.proj_dim,
+                                                          "param_stats": False}),
+                    Variant("rec_proj_only", base, tmp, {"grad_norms": False, "grad_projection": args.proj_dim,
+                                                         "param_stats": False}),
+                    # the Recorder's default: losses + logits + per-parameter statistics (issue 7)
+                    Variant("rec_default_params", base, tmp, {})]
         baselines = [] if args.no_baselines else [
             LoopVariant("per_example_loop", base, tmp),
             VmapVariant("vmap_norms", base, tmp, dense_dim=0),

@@ -20,7 +20,7 @@ def demo_config(out_dir: Path, epochs: int, device: str):
 
     grads = _has("recorder.gradients")
     return TrainConfig(dataset="planted", model="cnn", epochs=epochs, out=str(out_dir / "run.zarr"),
-                       batch_size=128, lr=0.05, device=device, probe_size=500, probe_every=8,
+                       batch_size=128, lr=0.05, device=device, probe_size=500, probe_every=4,
                        grad_norms=grads, grad_proj_dim=1024 if grads else 0,
                        activations="conv1,conv2,fc1,fc2" if _has("recorder.activations") else None,
                        augment_samples="0,1,2,3" if _has("recorder.augment") else None, augment_n=100,
