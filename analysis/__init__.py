@@ -11,6 +11,7 @@ from . import curves  # noqa: F401,E402
 from .curves import class_curves, epoch_curves, loss_change, loss_trajectories  # noqa: E402
 from .dynamics_api import *  # noqa: F401,F403,E402  example dynamics (issue 5)
 from . import features, augmentation  # noqa: F401,E402  feature signals (issue 6)
+from .features import layer_cka  # noqa: F401,E402
 from .cka import cka, cka_matrix, minibatch_cka  # noqa: F401,E402  analysis.cka(X, Y) is the function
 from .opposing import majority_opposition, opposing_groups, opposing_pairs  # noqa: F401,E402  opposing signals (issue 4)
 from .gradient_dynamics import gradient_dynamics, gradient_signs  # noqa: F401,E402  optimization insight (issue 7)
