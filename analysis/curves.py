@@ -10,9 +10,13 @@ from __future__ import annotations
 import numpy as np
 import xarray as xr
 
-from .presentations import valid_mask
 from .registry import register_analysis
 from .run import Run, correct
+
+
+def valid_mask(train: xr.Dataset) -> xr.DataArray:
+    """True where a (step, slot) cell holds a real example (not padding)."""
+    return train["example_id"] >= 0
 
 
 def _pass_by_epoch(ds: xr.Dataset, row: str) -> xr.Dataset:
@@ -107,22 +111,13 @@ def loss_trajectories(run: Run, source: str = "probe") -> xr.Dataset:
                                  step=("probe", p["step"].values), epoch=("probe", p["epoch"].values))
     if source != "train":
         raise ValueError(f"source must be 'probe' or 'train', got {source!r}")
-    from .presentations import train_presentations
+    from .sequences import gather, time_table
 
-    pres = train_presentations(run, with_logits=False)
-    examples, inv = np.unique(pres.example_id, return_inverse=True)
-    epochs, einv = np.unique(pres.epoch, return_inverse=True)
-    flat = einv * len(examples) + inv
-    size = len(epochs) * len(examples)
-    total = np.bincount(flat, weights=pres.loss, minlength=size)
-    count = np.bincount(flat, minlength=size)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        loss = (total / count).reshape(len(epochs), len(examples))
-    target = np.zeros(len(examples), dtype=pres.target.dtype)
-    target[inv] = pres.target
+    seq = gather(run, "train", scores=("loss",))
+    epochs, loss = time_table(seq, seq.scores["loss"], by="epoch")
     return xr.Dataset({"loss": (("epoch", "example"), loss.astype(np.float32))},
-                      coords={"epoch": epochs, "example_id": ("example", examples),
-                              "target": ("example", target)})
+                      coords={"epoch": epochs, "example_id": ("example", seq.examples),
+                              "target": ("example", seq.target)})
 
 
 @register_analysis("loss_change", needs=("train",))

@@ -13,6 +13,15 @@ import xarray as xr
 from .run import Run
 
 
+def run_has_all(run: Run, needs) -> bool:
+    """Whether the run holds every "group" or "group/variable" in `needs`."""
+    for need in needs:
+        group, _, var = need.partition("/")
+        if not run.has(group, var or None):
+            return False
+    return True
+
+
 @dataclass(frozen=True)
 class AnalysisEntry:
     name: str
@@ -22,11 +31,7 @@ class AnalysisEntry:
     defaults: dict = field(default_factory=dict)
 
     def available(self, run: Run) -> bool:
-        for need in self.needs:
-            group, _, var = need.partition("/")
-            if not run.has(group, var or None):
-                return False
-        return True
+        return run_has_all(run, self.needs)
 
 
 ANALYSES: dict[str, AnalysisEntry] = {}

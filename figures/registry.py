@@ -8,6 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
+from analysis.registry import run_has_all
 from analysis.run import Run
 
 
@@ -20,11 +21,7 @@ class FigureEntry:
     kind: str = "figure"      # "figure" (Figure) or "animation" (writes a GIF itself)
 
     def available(self, run: Run) -> bool:
-        for need in self.needs:
-            group, _, var = need.partition("/")
-            if not run.has(group, var or None):
-                return False
-        return True
+        return run_has_all(run, self.needs)
 
 
 FIGURES: dict[str, FigureEntry] = {}
