@@ -3,7 +3,8 @@
     python benchmarks/overhead.py            # seed CNN, batch 128, 2 torch threads, CPU
 
 Step time with the recorder / plain training for (a) losses + logits, (b) + exact
-per-example gradient norms, (c) + 1024-dim factored projections; baselines: a per-example
+per-example gradient norms, (c) + 1024-dim factored projections, (b) and (c) again with the
+fused conv backward off (`grad_fused=False`); baselines: a per-example
 Python loop and torch.func vmap gradients + a dense Gaussian projection; the writer's
 throughput / a raw sequential write of the same bytes; the share of step time the
 training thread spends blocked on the writer.
@@ -194,6 +195,12 @@ def main(argv=None):
                     Variant("rec_norms", base, tmp, {"grad_norms": True, "param_stats": False}),
                     Variant("rec_norms_proj", base, tmp, {"grad_norms": True, "grad_projection": args.proj_dim,
                                                           "param_stats": False}),
+                    # the same two with the fused conv backward switched off (the pre-fusion path)
+                    Variant("rec_norms_unfused", base, tmp, {"grad_norms": True, "grad_fused": False,
+                                                             "param_stats": False}),
+                    Variant("rec_norms_proj_unfused", base, tmp, {"grad_norms": True, "grad_fused": False,
+                                                                  "grad_projection": args.proj_dim,
+                                                                  "param_stats": False}),
                     Variant("rec_proj_only", base, tmp, {"grad_norms": False, "grad_projection": args.proj_dim,
                                                          "param_stats": False}),
                     # the Recorder's default: losses + logits + per-parameter statistics (issue 7)

@@ -14,6 +14,7 @@ KEYWORDS = {
     "grad_projection": ("gradients", "recorder.gradients", "projection_dim"),
     "grad_seed": ("gradients", "recorder.gradients", "seed"),
     "grad_layers": ("gradients", "recorder.gradients", "layers"),
+    "grad_fused": ("gradients", "recorder.gradients", "fused"),
     "param_stats": ("params", "recorder.params", None),
     "snapshot_params": ("params", "recorder.params", "snapshot_params"),
     "snapshot_every": ("params", "recorder.params", "snapshot_every"),

@@ -11,7 +11,6 @@ example's own loss. Examples with w_i == 0 get NaN (their gradient was never com
 """
 from __future__ import annotations
 
-import contextlib
 import fnmatch
 import functools
 import warnings
@@ -21,25 +20,13 @@ import torch
 import torch.nn as nn
 
 from ..extensions import ArraySpec, BatchContext, Extension, register_extension
+from .factors import full_float32
+from .fused import fusable, fused_forward
 from .projection import allocate_dims, gaussian_matrix, split_dims
 from .rules import find_rule
 
 DEFAULT_PROJECTION_DIM = 1024
 PASS_GROUPS = {"train": ("step", "slot"), "probe": ("probe", "example")}
-
-
-@contextlib.contextmanager
-def _full_float32():
-    """No TF32 in our own products (cuDNN convolutions allow it by default on Ampere+)."""
-    matmul = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = False
-    try:
-        cudnn = torch.backends.cudnn
-        with cudnn.flags(enabled=cudnn.enabled, benchmark=cudnn.benchmark,
-                         deterministic=cudnn.deterministic, allow_tf32=False):
-            yield
-    finally:
-        torch.backends.cuda.matmul.allow_tf32 = matmul
 
 
 @dataclass
@@ -72,13 +59,17 @@ class GradientExtension(Extension):
     `Recorder(grad_norms=True)` records norms only).
     seed: seeds every projection matrix together with the layer name. layers: module names
     or fnmatch patterns to cover (default: every supported module with trainable params).
+    fused: with norms on, covered convolutions run through `fused.FusedConv`, whose backward
+    forms the per-example weight gradients once and returns their sum as the weight
+    gradient, instead of repeating autograd's weight-gradient work (exact; see fused.py).
     """
 
     needs_backward = True
 
     def __init__(self, norms: bool = True, projection_dim: int | dict | bool | None = None,
-                 seed: int = 0, layers: list[str] | None = None):
+                 seed: int = 0, layers: list[str] | None = None, fused: bool = True):
         self.norms = bool(norms)
+        self.fused = bool(fused)
         if projection_dim is True:
             projection_dim = DEFAULT_PROJECTION_DIM
         self.projection_dim = projection_dim or None
@@ -91,6 +82,8 @@ class GradientExtension(Extension):
         self._covered_numel = 0
         self.proj_total = 0
         self._handles: list = []
+        self._forwards: list = []  # (module, the fused forward installed on it)
+        self._generation = 0  # bumped per batch: fused backwards of old graphs fall back
         self._active = False
         self._loss_grad: torch.Tensor | None = None
         self._warned: set[str] = set()
@@ -150,12 +143,24 @@ class GradientExtension(Extension):
         for layer in self.layers:
             self._handles.append(layer.module.register_forward_hook(
                 functools.partial(self._forward_hook, layer)))
+            if self.fused and self.norms and fusable(layer.module, layer):
+                self._install_fused(layer)
         return self
+
+    def _install_fused(self, layer: _Layer) -> None:
+        """Override the module's forward on the instance (restored by detach)."""
+        m = layer.module
+        m.forward = functools.partial(fused_forward, self, layer, m.forward)
+        self._forwards.append((m, m.forward))
 
     def detach(self) -> None:
         for h in self._handles:
             h.remove()
         self._handles = []
+        for m, installed in self._forwards:
+            if m.__dict__.get("forward") is installed:
+                del m.forward
+        self._forwards = []
 
     def specs(self) -> list[ArraySpec]:
         names = [l.name for l in self.layers]
@@ -206,6 +211,8 @@ class GradientExtension(Extension):
 
     @staticmethod
     def _grad_hook(call, grad) -> None:
+        if call[2].get("fused") is not None:  # a later backward: the fused values are stale
+            call[2]["fused"] = None
         g = grad.detach()
         call[1] = g if call[1] is None else call[1] + g
 
@@ -250,6 +257,7 @@ class GradientExtension(Extension):
     def _reset(self) -> None:
         self._active = False
         self._loss_grad = None
+        self._generation += 1
         for layer in self.layers:
             layer.calls = []
 
@@ -269,7 +277,7 @@ class GradientExtension(Extension):
                        "gradients are stored unscaled (as if each example's weight were 1). "
                        "Backpropagate through the recorded losses (e.g. losses.mean().backward()).")
         with torch.autocast("cuda", enabled=False), torch.autocast("cpu", enabled=False), \
-                torch.no_grad(), _full_float32():
+                torch.no_grad(), full_float32():
             for j, layer in enumerate(self.layers):
                 calls = [c for c in layer.calls if c[1] is not None]
                 if not calls:
@@ -284,8 +292,14 @@ class GradientExtension(Extension):
                 device = calls[0][1].device
                 if sq.device != device:
                     sq, proj = sq.to(device), (proj.to(device) if proj is not None else None)
-                g = layer.rule.grad(layer.module, calls, layer.params)
+                fused = calls[0][2].get("fused") if len(calls) == 1 else None
                 mats = self._matrices(layer, device) if layer.proj_size else None
+                if fused is not None:  # formed in the backward (fused.py)
+                    sq[:, j], p = fused
+                    if mats:
+                        proj[:, layer.offset:layer.offset + layer.proj_size] = p
+                    continue
+                g = layer.rule.grad(layer.module, calls, layer.params)
                 if self.norms and mats:
                     sq[:, j], p = g.norm_and_project(*mats)
                 elif self.norms:
