@@ -10,7 +10,7 @@ from analysis import features as F
 from analysis.run import Run
 
 from .registry import register_figure
-from .style import DIVERGING_CMAP, PALETTE, style
+from .style import DIVERGING_CMAP, PALETTE, mark_blocks, style
 
 NEEDS = ("augmentation",)
 
@@ -87,13 +87,8 @@ def augmentation_view_correlation(run: Run, layers=None, max_samples: int = 4, v
             im = ax.imshow(r.values, cmap=DIVERGING_CMAP, vmin=-1, vmax=1, interpolation="nearest")
             ax.grid(False)
             sid = r["sample_id"].values
-            edges = np.flatnonzero(np.diff(sid)) + 0.5
-            for e in edges:
-                ax.axhline(e, color="k", lw=0.5)
-                ax.axvline(e, color="k", lw=0.5)
-            bounds = np.concatenate([[-0.5], edges, [len(sid) - 0.5]])
-            centres = (bounds[:-1] + bounds[1:]) / 2
-            labels = [f"#{s}" for s in sid[np.concatenate([[0], (edges + 0.5).astype(int)])]]
+            centres, firsts = mark_blocks(ax, sid)
+            labels = [f"#{s}" for s in sid[firsts]]
             ax.set_xticks(centres, labels, fontsize=7)
             ax.set_yticks(centres, labels, fontsize=7)
             ax.tick_params(length=0)

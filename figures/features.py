@@ -10,7 +10,7 @@ from analysis.correlation import mean_abs
 from analysis.run import Run
 
 from .registry import register_figure
-from .style import DIVERGING_CMAP, PALETTE, SEQUENTIAL_CMAP, integer_axis, style
+from .style import DIVERGING_CMAP, PALETTE, SEQUENTIAL_CMAP, integer_axis, mark_blocks, style
 
 NEEDS = ("activations",)
 
@@ -221,14 +221,9 @@ def sample_correlation(run: Run, layers=None, probe: int = -1, max_examples: int
             ax.set_aspect("equal")
             ax.grid(False)
             target = r["target"].values
-            edges = np.flatnonzero(np.diff(target)) + 0.5
-            for e in edges:
-                ax.axhline(e, color="k", lw=0.4)
-                ax.axvline(e, color="k", lw=0.4)
-            bounds = np.concatenate([[-0.5], edges, [len(target) - 0.5]])
-            centres = (bounds[:-1] + bounds[1:]) / 2
+            centres, firsts = mark_blocks(ax, target, lw=0.4)
             classes = [run.class_names[int(t)] if 0 <= int(t) < len(run.class_names) else str(t)
-                       for t in target[np.concatenate([[0], (edges + 0.5).astype(int)])]]
+                       for t in target[firsts]]
             ax.set_xticks(centres, classes, fontsize=6, rotation=90)
             ax.set_yticks(centres, classes, fontsize=6)
             ax.tick_params(length=0)

@@ -57,6 +57,21 @@ def integer_axis(ax, axis: str = "x") -> None:
     getattr(ax, f"{axis}axis").set_major_locator(MaxNLocator(integer=True))
 
 
+def mark_blocks(ax, keys, lw: float = 0.5):
+    """Separate runs of equal `keys` on a square heatmap with thin lines; returns the centre
+    of each run and the index of its first row (for tick labels)."""
+    import numpy as np
+
+    keys = np.asarray(keys)
+    edges = np.flatnonzero(np.diff(keys)) + 0.5
+    for e in edges:
+        ax.axhline(e, color="k", lw=lw)
+        ax.axvline(e, color="k", lw=lw)
+    bounds = np.concatenate([[-0.5], edges, [len(keys) - 0.5]])
+    firsts = np.concatenate([[0], (edges + 0.5).astype(int)])
+    return (bounds[:-1] + bounds[1:]) / 2, firsts
+
+
 def class_color(i: int) -> str:
     return PALETTE[i % len(PALETTE)]
 
