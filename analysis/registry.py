@@ -29,6 +29,7 @@ class AnalysisEntry:
     needs: tuple[str, ...] = ()          # "group" or "group/variable" the run must have
     description: str = ""
     defaults: dict = field(default_factory=dict)
+    summary: Callable[[xr.Dataset], str] | None = None   # one human line for `dynascope analyze`
 
     def available(self, run: Run) -> bool:
         return run_has_all(run, self.needs)
@@ -37,12 +38,26 @@ class AnalysisEntry:
 ANALYSES: dict[str, AnalysisEntry] = {}
 
 
-def register_analysis(name: str, needs: tuple[str, ...] = (), description: str = ""):
+def register_analysis(name: str, needs: tuple[str, ...] = (), description: str = "", summary=None):
     """Decorator: add an analysis to the registry under `name`."""
 
     def deco(func):
         doc = (func.__doc__ or "").strip().splitlines()
-        ANALYSES[name] = AnalysisEntry(name, func, tuple(needs), description or (doc[0] if doc else ""))
+        ANALYSES[name] = AnalysisEntry(name, func, tuple(needs), description or (doc[0] if doc else ""),
+                                       summary=summary)
+        return func
+
+    return deco
+
+
+def register_summary(name: str):
+    """Decorator: attach a one-line summary (result -> str) to a registered analysis, so
+    `dynascope analyze` can say what was found rather than only the result's shape."""
+
+    def deco(func):
+        from dataclasses import replace
+
+        ANALYSES[name] = replace(ANALYSES[name], summary=func)
         return func
 
     return deco

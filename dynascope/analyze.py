@@ -68,6 +68,8 @@ def run_analyses(path, only=(), save=False, params=(), echo=print) -> dict:
         results[name] = result
         dims = ", ".join(f"{k}={v}" for k, v in result.sizes.items())
         echo(f"  {name:<20} {dims}  [{', '.join(list(result.data_vars)[:6])}]")
+        if entry.summary is not None:
+            echo(f"  {'':<20} → {entry.summary(result)}")
         if save:
             echo(f"  {'':<20} saved to {save_result(path, name, result, per.get(name, {}))}")
     return results
