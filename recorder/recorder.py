@@ -269,7 +269,8 @@ class Recorder:
         for g, row in by_group.items():
             if row:
                 self.writer.append(g, row)
-        self.writer.flush()  # a probe row is a whole chunk: make it durable now
+        # a pass row is a whole chunk: make it durable now, without cutting the train chunk short
+        self.writer.flush(groups)
 
 
 class StepContext:

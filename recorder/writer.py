@@ -106,10 +106,11 @@ class ChunkWriter:
     def update_attrs(self, attrs: dict) -> None:
         self._submit(("attrs", attrs))
 
-    def flush(self) -> None:
-        """Write every buffered row (a partial chunk included) and wait until done."""
+    def flush(self, groups=None) -> None:
+        """Write the buffered rows of `groups` (default: all; a partial chunk included) and
+        wait until everything queued is on disk."""
         for group in self.groups.values():
-            if group.buffer:
+            if group.buffer and (groups is None or group.name in groups):
                 self._hand_off(group)
         self._queue.join()
         self.raise_if_failed()

@@ -171,3 +171,23 @@ def test_probe_rows_are_ordered_by_example_id_and_subset_is_fixed(tmp_path):
     expected = F.cross_entropy(model(X[ids]), Y[ids], reduction="none")[order]
     np.testing.assert_allclose(probe.loss[0], expected.detach().numpy(), rtol=1e-6)
     assert probe.sizes["probe"] == 1
+
+
+def test_probe_flush_does_not_cut_the_train_chunk_short(tmp_path):
+    """A probe row is written at once; the partial train chunk stays buffered so each train
+    chunk is still written whole (no read-modify-write)."""
+    import json
+
+    model = nn.Linear(4, 3)
+    X, Y = torch.randn(20, 4), torch.arange(20) % 3
+    path = tmp_path / "r.zarr"
+    with Recorder(path, model, num_classes=3, num_examples=20, chunk_steps=4) as rec:
+        for s in range(3):
+            ids = torch.tensor([s])
+            with rec.step(example_ids=ids, targets=Y[ids]) as step:
+                out = model(X[ids])
+                step.record(losses=F.cross_entropy(out, Y[ids], reduction="none"), logits=out)
+        rec.probe([(X[:5], Y[:5], torch.arange(5))])
+        committed = json.loads((path / "zarr.json").read_text())["attributes"]["committed"]
+        assert committed["probe"] == 1 and committed["train"] == 0
+    assert analysis.open_run(path).committed["train"] == 3
