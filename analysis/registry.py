@@ -5,7 +5,7 @@ hard-coding analyses; `available(run)` says whether the run holds the data it ne
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable
 
 import xarray as xr
@@ -28,7 +28,6 @@ class AnalysisEntry:
     func: Callable[..., xr.Dataset]
     needs: tuple[str, ...] = ()          # "group" or "group/variable" the run must have
     description: str = ""
-    defaults: dict = field(default_factory=dict)
     summary: Callable[[xr.Dataset], str] | None = None   # one human line for `dynascope analyze`
 
     def available(self, run: Run) -> bool:

@@ -200,6 +200,3 @@ def correct(logits: xr.DataArray, target: xr.DataArray, class_dim: str = "class"
     valid = (target >= 0) & logits.notnull().all(class_dim)
     return (pred == target).where(valid)
 
-
-def as_numpy(a) -> np.ndarray:
-    return np.asarray(a.values if hasattr(a, "values") else a)

@@ -25,8 +25,9 @@ if TYPE_CHECKING:  # pragma: no cover
 class ArraySpec:
     """One array in the store: its group, name, dimension names, dtype and fill value.
 
-    `dims[0]` is the group's row dimension (`step`, `probe`, `eval`, `snapshot`) unless
-    `static` is set; trailing sizes are taken from the first data written.
+    `dims[0]` is the group's row dimension (`step`, `probe`, `eval`, `snapshot`); trailing
+    sizes are taken from the first data written. Arrays that do not grow go through
+    `Recorder.write_static` instead.
     """
 
     group: str
@@ -34,7 +35,6 @@ class ArraySpec:
     dims: tuple[str, ...]
     dtype: str
     fill: Any = None
-    static: bool = False
     attrs: dict = field(default_factory=dict)
 
     @property

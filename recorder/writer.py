@@ -81,8 +81,6 @@ class ChunkWriter:
         return self.groups[name]
 
     def declare(self, spec: ArraySpec) -> None:
-        if spec.static:
-            return
         group = self.groups.get(spec.group)
         if group is None:
             raise KeyError(f"unknown row group '{spec.group}' for array '{spec.name}'")
