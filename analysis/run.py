@@ -6,6 +6,7 @@ Nothing here imports torch: analyses run on machines that never trained anything
 from __future__ import annotations
 
 import json
+import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -101,15 +102,50 @@ class Run:
         return self.group("ground_truth")
 
 
-def _open_group(path: Path, name: str) -> xr.Dataset | None:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        try:
-            # never trust consolidated metadata here: it is written at close and goes
-            # stale when results are saved later or a run is still recording
-            return xr.open_zarr(path, group=name, consolidated=False)
-        except (FileNotFoundError, KeyError, zarr.errors.GroupNotFoundError):
-            return None
+def _open_group(path: Path, name: str, row_dim: str | None = None, rows: int | None = None) -> xr.Dataset | None:
+    """One group as a lazy Dataset, rows past `rows` dropped.
+
+    A store that is still recording (or was killed mid-resize) can hold arrays of unequal
+    length along a dimension; xarray refuses those, so such a group is opened array by array
+    and every dimension cut to what all its arrays hold (committed rows are in all of them).
+    Arrays replaced while we read are retried, so a reader polling a live run never fails.
+    """
+    last: Exception | None = None
+    for attempt in range(6):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            try:
+                # never trust consolidated metadata here: it is written at close and goes
+                # stale when results are saved later or a run is still recording
+                try:
+                    ds = xr.open_zarr(path, group=name, consolidated=False)
+                except ValueError:
+                    ds = _open_piecewise(path, name)
+                return _trim(ds, row_dim, rows) if row_dim is not None and rows is not None else ds
+            except (zarr.errors.GroupNotFoundError, NotADirectoryError):
+                return None
+            except (FileNotFoundError, KeyError, ValueError, OSError) as e:
+                if not (path / name / "zarr.json").exists():
+                    return None
+                last = e
+        time.sleep(0.05 * (attempt + 1))
+    raise RunError(f"group '{name}' of {path} could not be read ({last}); "
+                   f"is another process rewriting it?") from last
+
+
+def _open_piecewise(path: Path, name: str) -> xr.Dataset:
+    group = zarr.open_group(str(path / name), mode="r")
+    dims_of = {k: (tuple(a.metadata.dimension_names or ()), a.shape) for k, a in group.arrays()}
+    sizes: dict[str, int] = {}
+    for dims, shape in dims_of.values():
+        for d, n in zip(dims, shape):
+            sizes[d] = min(sizes.get(d, n), n)
+    parts = []
+    for var, (dims, _) in dims_of.items():
+        one = xr.open_zarr(path, group=name, consolidated=False,
+                           drop_variables=[v for v in dims_of if v != var])
+        parts.append(one.isel({d: slice(0, sizes[d]) for d in dims if d in one.dims}))
+    return xr.merge(parts, combine_attrs="override", join="exact") if parts else xr.Dataset()
 
 
 def _read_root_attrs(path: Path) -> dict:
@@ -136,7 +172,7 @@ def _read_root_attrs(path: Path) -> dict:
 
 
 def _trim(ds: xr.Dataset, row_dim: str, rows: int) -> xr.Dataset:
-    if row_dim in ds.dims and ds.sizes[row_dim] > rows:
+    if ds is not None and row_dim in ds.dims and ds.sizes[row_dim] > rows:
         return ds.isel({row_dim: slice(0, rows)})
     return ds
 
@@ -150,12 +186,10 @@ def open_run(path: str | Path) -> Run:
     for child in sorted(p.name for p in path.iterdir() if (p / "zarr.json").exists()):
         if child == "analysis":
             continue
-        ds = _open_group(path, child)
+        row_dim = ROW_DIMS.get(child)
+        ds = _open_group(path, child, row_dim, int(committed.get(child, 0)) if row_dim else None)
         if ds is None or not ds.variables:
             continue
-        row_dim = ROW_DIMS.get(child)
-        if row_dim is not None:
-            ds = _trim(ds, row_dim, int(committed.get(child, 0)))
         groups[child] = ds
     return Run(path=path, attrs=attrs, groups=groups)
 

@@ -340,3 +340,23 @@ class ParamStatsExtension(Extension):
     def close(self, recorder) -> None:
         if self._pending is not None:
             self._emit()
+
+    # -- resume -------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        """The previous step's gradients, weights and bins and the row still waiting for its
+        update norm: the next row's differences, flips and releases are computed from them."""
+        s = self.stats
+        if s is None or self._primary is not None:
+            return {}
+        return {"pending": self._pending, "has_prev": s.has_prev, "g_prev": s.g_prev.clone(),
+                "w_prev": s.w_prev.clone(), "b_prev": s.b_prev, "hist_prev": s.hist_prev,
+                "neg_prev": s.neg_prev}
+
+    def load_state_dict(self, state: dict) -> None:
+        s = self.stats
+        if not state or s is None:
+            return
+        s.g_prev.copy_(state["g_prev"])
+        s.w_prev.copy_(state["w_prev"])
+        s.b_prev, s.hist_prev, s.neg_prev = state["b_prev"], state["hist_prev"], state["neg_prev"]
+        s.has_prev, self._pending = state["has_prev"], state["pending"]

@@ -16,15 +16,22 @@ the training step never synchronises on the recorder.
 """
 from __future__ import annotations
 
+import sys
 import time
+import warnings
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
+from . import resume as resume_mod
 from . import store as store_mod
+from .epochs import EpochTracker
 from .extensions import ArraySpec, BatchContext, Extension
-from .validation import check_example_ids, check_logits, check_losses, check_targets
+from .lock import RunLock, control_dir
+from .reserve import DiskReserve
+from .signals import TermHandler, held_signals
+from .validation import check_example_ids, check_logits, check_losses, check_targets, nonfinite_counts
 from .writer import ChunkWriter
 
 PASS_GROUPS = {"train": ("train",), "probe": ("probe", "activations"), "eval": ("eval",)}
@@ -38,6 +45,7 @@ class Recorder:
                  config: dict | None = None, overwrite: bool = False, chunk_steps: int = 64,
                  expected_steps: int | None = None, loss_fn=None, extensions: list[Extension] = (),
                  dataset_info: dict | None = None, model_info: dict | None = None,
+                 resume: bool = False, resume_state: dict | None = None, handle_signals: bool = True,
                  **extension_options):
         if num_classes is not None and (int(num_classes) != num_classes or num_classes < 1):
             raise ValueError(f"num_classes must be a positive integer, got {num_classes!r}")
@@ -50,6 +58,12 @@ class Recorder:
         self.num_examples = None if num_examples is None else int(num_examples)
         self.config = dict(config or {})
         self.overwrite = overwrite
+        if resume and overwrite:
+            raise ValueError("resume=True continues a run and overwrite=True replaces it; pass one of them")
+        self.resume = bool(resume or resume_state is not None)
+        self.resume_state = resume_state
+        if int(chunk_steps) != chunk_steps or chunk_steps < 1:
+            raise ValueError(f"chunk_steps must be a positive integer, got {chunk_steps!r}")
         self.chunk_steps = int(chunk_steps)
         self.expected_steps = expected_steps
         self.loss_fn = loss_fn or (_classification_loss if self.num_classes else _regression_loss)
@@ -65,6 +79,11 @@ class Recorder:
         self._writer: ChunkWriter | None = None
         self._handles: list = []
         self._t0 = 0.0
+        self._epochs = EpochTracker(self.num_examples)
+        self._lock = RunLock(self.path)
+        self._reserve = DiskReserve(control_dir(self.path))
+        self._term = TermHandler() if handle_signals else None
+        self._notified = 0
 
     # -- lifecycle ------------------------------------------------------------
     def __enter__(self) -> "Recorder":
@@ -79,22 +98,64 @@ class Recorder:
         return False
 
     def open(self) -> "Recorder":
-        root = store_mod.create_store(self.path, overwrite=self.overwrite, attrs=self._root_attrs())
-        self._writer = ChunkWriter(root, committed={g: 0 for g, _, _ in store_mod.ROW_GROUPS}, expected_rows={"train": self.expected_steps or 0,
-                                                                     "params": self.expected_steps or 0})
+        if self.resume:
+            stored = resume_mod.stored_attrs(self.path)
+            self._lock.acquire("resume it")
+            try:
+                root = resume_mod.reopen(self.path, stored)
+            except BaseException:
+                self._lock.release()
+                raise
+            committed = dict(stored.get("committed", {}))
+        else:
+            root = store_mod.create_store(self.path, overwrite=self.overwrite, attrs=self._root_attrs(),
+                                          lock=self._lock)
+            committed = {}
+        try:
+            self._open_writer(root, committed, stored if self.resume else None)
+        except BaseException:
+            if self._writer is not None:
+                self._writer.abort()
+                self._writer = None
+            self._lock.release()
+            raise
+        self._reserve.hold()
+        if self._term is not None:
+            self._term.install()
+        if self.optimizer is not None:
+            self._handles.append(self.optimizer.register_step_post_hook(self._count_optimizer_step))
+        self._t0 = time.perf_counter()
+        if self.resume_state is not None:
+            resume_mod.load_recorder_state(self, self._writer.root, self.resume_state)
+        return self
+
+    def _open_writer(self, root, committed: dict, stored: dict | None) -> None:
+        self._writer = ChunkWriter(root, committed={g: int(committed.get(g, 0)) for g, _, _ in store_mod.ROW_GROUPS})
         for name, row_dim, chunk in store_mod.ROW_GROUPS:
             self._writer.add_group(name, row_dim, self.chunk_steps if chunk == "steps" else 1)
         for spec in store_mod.core_specs(self.num_classes is not None):
             self._writer.declare(spec)
+        if stored is not None:
+            resume_mod.check_matches(self.path, stored, self._root_attrs(), [e.name for e in self.extensions])
         for ext in self.extensions:
             ext.attach(self)
             for spec in ext.specs():
                 self._writer.declare(spec)
+        if stored is not None:
+            self._writer.adopt()
+            if self.resume_state is None:
+                resume_mod.align_groups(self, self._writer, root)
+                resume_mod.counters_from_store(self, root)
         self._writer.update_attrs({"extensions": {e.name: e.metadata() for e in self.extensions}})
-        if self.optimizer is not None:
-            self._handles.append(self.optimizer.register_step_post_hook(self._count_optimizer_step))
-        self._t0 = time.perf_counter()
-        return self
+
+    def state_dict(self) -> dict:
+        """Counters and extension state, after flushing everything: with the model and
+        optimizer state this lets `Recorder(..., resume_state=...)` continue exactly here."""
+        return resume_mod.recorder_state(self)
+
+    def flush(self) -> None:
+        """Write every buffered row now (partial chunks included) and wait for it."""
+        self.writer.flush()
 
     def close(self) -> None:
         self._finish("complete")
@@ -112,41 +173,64 @@ class Recorder:
 
     def _finish(self, status: str, error: str | None = None) -> None:
         """Flush extensions and buffers, record the final status; on failure keep
-        everything already recorded and never mask the original error."""
+        everything already recorded and never mask the original error. Signals are held
+        back meanwhile, so a second Ctrl-C cannot cut the store short."""
         if self._writer is None:
             return
         writer = self._writer
-        for h in self._handles:
-            h.remove()
-        attrs = {"status": status, "finished": store_mod.now()}
-        if error:
-            attrs["error"] = error
         try:
-            for ext in self.extensions:   # extensions may append their last rows here
-                try:
-                    ext.close(self)
-                except Exception:  # noqa: BLE001
-                    if status == "complete":
+            with held_signals("finishing the store"):
+                for h in self._handles:
+                    h.remove()
+                self._handles = []
+                if status == "complete":
+                    try:
+                        self._close_extensions(strict=True)
+                        writer.update_attrs({"extensions": {e.name: e.metadata() for e in self.extensions},
+                                             **self._final_attrs("complete")})
+                        writer.close(trim=True)
+                    except BaseException as e:
+                        self._fail(writer, f"closing the store failed: {type(e).__name__}: {e}")
                         raise
-            for ext in self.extensions:
-                try:
-                    ext.detach()
-                except Exception:  # noqa: BLE001
-                    if status == "complete":
-                        raise
-            writer.update_attrs({"extensions": {e.name: e.metadata() for e in self.extensions}})
-            writer.update_attrs(attrs)
-            writer.close(trim=True)
-        except BaseException:
-            if status == "complete":
-                self._writer = None
-                writer.abort()
-                raise
-            writer.abort()
+                    store_mod.consolidate(self.path)
+                else:
+                    self._close_extensions(strict=False)
+                    self._fail(writer, error)
         finally:
             self._writer = None
-        if status == "complete":
-            store_mod.consolidate(self.path)
+            if self._term is not None:
+                self._term.remove()
+            self._reserve.free()
+            self._lock.release()
+
+    def _final_attrs(self, status: str, error: str | None = None) -> dict:
+        attrs = {"status": status, "finished": store_mod.now(), "epoch_source": self._epochs.source}
+        if error:
+            attrs["error"] = error
+        return attrs
+
+    def _close_extensions(self, strict: bool) -> None:
+        for stage in ("close", "detach"):
+            for ext in self.extensions:   # extensions may append their last rows on close
+                try:
+                    ext.close(self) if stage == "close" else ext.detach()
+                except Exception:  # noqa: BLE001
+                    if strict:
+                        raise
+
+    def _fail(self, writer: ChunkWriter, error: str | None) -> None:
+        attrs = {"extensions": {e.name: e.metadata() for e in self.extensions}, **self._final_attrs("failed", error)}
+        problems = writer.abort(attrs, before=self._reserve.free)
+        for p in problems:
+            print(f"dynascope: while marking {self.path} failed: {p}", file=sys.stderr)
+        if problems:
+            print(f"dynascope: {self.path} stays readable up to its committed rows", file=sys.stderr)
+
+    def _notify(self) -> None:
+        notes = self._writer.notices if self._writer is not None else []
+        for note in notes[self._notified:]:
+            warnings.warn(note, stacklevel=3)
+        self._notified = len(notes)
 
     @property
     def writer(self) -> ChunkWriter:
@@ -176,9 +260,11 @@ class Recorder:
         ids = check_example_ids(example_ids, self.num_examples)
         if targets is not None:
             targets = check_targets(targets, len(ids), self.num_classes)
-        if epoch is None:
-            epoch = self.epoch if self.epoch is not None else (
-                self.examples_seen // self.num_examples if self.num_examples else 0)
+        elif self.num_classes is not None:
+            raise ValueError("rec.step() needs targets= in a classification run (num_classes was given): "
+                             "without them correctness, forgetting, AUM, EL2N and cartography cannot be "
+                             "computed; pass rec.step(example_ids=idx, targets=y)")
+        epoch = self._epochs.next(ids.numpy(), epoch if epoch is not None else self.epoch)
         return StepContext(self, ids, targets, int(epoch))
 
     def _count_optimizer_step(self, *args, **kwargs) -> None:
@@ -265,7 +351,8 @@ class Recorder:
         owner = {s.name: s.group for e in self.extensions for s in e.specs() if s.group in groups}
         for k, v in values.items():
             by_group[owner.get(k, kind)][k] = v
-        by_group[kind].update(step=self.steps, epoch=self.last_epoch)
+        by_group[kind].update(step=self.steps, epoch=self.last_epoch,
+                              **nonfinite_counts(values["loss"], values.get("logits")))
         for g, row in by_group.items():
             if row:
                 self.writer.append(g, row)
@@ -284,6 +371,8 @@ class StepContext:
 
     def __enter__(self) -> "StepContext":
         self.rec.writer.raise_if_failed()
+        if self.rec.writer.notices:
+            self.rec._notify()
         for ext in self.rec.extensions:
             ext.begin_batch(self.batch)
         return self
@@ -315,6 +404,7 @@ class StepContext:
             row["target"] = b.targets.detach()
         if b.logits is not None:
             row["logits"] = b.logits.detach()
+        row.update(nonfinite_counts(losses, b.logits))
         for ext in rec.extensions:
             row.update(ext.end_batch(b))
         rec.writer.append("train", row)
