@@ -16,6 +16,7 @@ the training step never synchronises on the recorder.
 """
 from __future__ import annotations
 
+import shutil
 import sys
 import time
 import warnings
@@ -30,7 +31,7 @@ from .epochs import EpochTracker
 from .extensions import ArraySpec, BatchContext, Extension
 from .lock import RunLock, control_dir
 from .reserve import DiskReserve
-from .signals import TermHandler, held_signals
+from .signals import SignalGuard
 from .validation import check_example_ids, check_logits, check_losses, check_targets, nonfinite_counts
 from .writer import ChunkWriter
 
@@ -82,7 +83,7 @@ class Recorder:
         self._epochs = EpochTracker(self.num_examples)
         self._lock = RunLock(self.path)
         self._reserve = DiskReserve(control_dir(self.path))
-        self._term = TermHandler() if handle_signals else None
+        self._guard = SignalGuard() if handle_signals else None
         self._notified = 0
 
     # -- lifecycle ------------------------------------------------------------
@@ -94,7 +95,7 @@ class Recorder:
         if exc_type is None:
             self.close()
         else:
-            self._finish("failed", error=f"{exc_type.__name__}: {exc}")
+            self._finish("failed", error=f"{exc_type.__name__}: {exc}" if str(exc) else exc_type.__name__)
         return False
 
     def open(self) -> "Recorder":
@@ -113,21 +114,29 @@ class Recorder:
             committed = {}
         try:
             self._open_writer(root, committed, stored if self.resume else None)
-        except BaseException:
-            if self._writer is not None:
-                self._writer.abort()
-                self._writer = None
-            self._lock.release()
+        except BaseException as e:
+            self._abandon_open(e)
             raise
         self._reserve.hold()
-        if self._term is not None:
-            self._term.install()
+        if self._guard is not None:
+            self._guard.install()
         if self.optimizer is not None:
             self._handles.append(self.optimizer.register_step_post_hook(self._count_optimizer_step))
         self._t0 = time.perf_counter()
         if self.resume_state is not None:
             resume_mod.load_recorder_state(self, self._writer.root, self.resume_state)
         return self
+
+    def _abandon_open(self, error: BaseException) -> None:
+        """A bad argument found while opening: a new store holds nothing yet and goes (so
+        the same command works once fixed); a resumed one keeps its rows, marked failed."""
+        writer, self._writer = self._writer, None
+        if writer is not None:
+            attrs = {"status": "failed", "error": f"resume failed: {type(error).__name__}: {error}"} if self.resume else None
+            writer.abort(attrs)
+        if not self.resume:
+            shutil.rmtree(self.path, ignore_errors=True)
+        self._lock.release()
 
     def _open_writer(self, root, committed: dict, stored: dict | None) -> None:
         self._writer = ChunkWriter(root, committed={g: int(committed.get(g, 0)) for g, _, _ in store_mod.ROW_GROUPS})
@@ -178,28 +187,29 @@ class Recorder:
         if self._writer is None:
             return
         writer = self._writer
+        if self._guard is not None:
+            self._guard.hold()
         try:
-            with held_signals("finishing the store"):
-                for h in self._handles:
-                    h.remove()
-                self._handles = []
-                if status == "complete":
-                    try:
-                        self._close_extensions(strict=True)
-                        writer.update_attrs({"extensions": {e.name: e.metadata() for e in self.extensions},
-                                             **self._final_attrs("complete")})
-                        writer.close(trim=True)
-                    except BaseException as e:
-                        self._fail(writer, f"closing the store failed: {type(e).__name__}: {e}")
-                        raise
-                    store_mod.consolidate(self.path)
-                else:
-                    self._close_extensions(strict=False)
-                    self._fail(writer, error)
+            for h in self._handles:
+                h.remove()
+            self._handles = []
+            if status == "complete":
+                try:
+                    self._close_extensions(strict=True)
+                    writer.update_attrs({"extensions": {e.name: e.metadata() for e in self.extensions},
+                                         **self._final_attrs("complete")})
+                    writer.close(trim=True)
+                except BaseException as e:
+                    self._fail(writer, f"closing the store failed: {type(e).__name__}: {e}")
+                    raise
+                store_mod.consolidate(self.path)
+            else:
+                self._close_extensions(strict=False)
+                self._fail(writer, error)
         finally:
             self._writer = None
-            if self._term is not None:
-                self._term.remove()
+            if self._guard is not None:
+                self._guard.remove()
             self._reserve.free()
             self._lock.release()
 

@@ -45,7 +45,7 @@ def stored_attrs(path) -> dict:
     return attrs
 
 
-def check_matches(path, stored: dict, new: dict, extensions: list[str]) -> None:
+def check_matches(path, stored: dict, new: dict, extensions: list[str] | None = None) -> None:
     """Raise ResumeError naming every difference that would make the continued rows wrong."""
     diffs = []
     sc = {k: v for k, v in _norm(stored.get("config", {})).items() if k not in IGNORED_CONFIG}
@@ -54,10 +54,12 @@ def check_matches(path, stored: dict, new: dict, extensions: list[str]) -> None:
               for k in sorted(set(sc) | set(nc)) if sc.get(k) != nc.get(k)]
     for section, keys in (("dataset", ("task", "num_classes", "num_examples")),
                           ("model", ("name", "num_parameters", "trainable_parameters"))):
+        if section not in new:
+            continue
         old, now = _norm(stored.get(section, {})), _norm(new.get(section, {}))
         diffs += [f"{section} {k}: recorded {old.get(k)!r}, now {now.get(k)!r}" for k in keys if old.get(k) != now.get(k)]
     old_ext = sorted(stored.get("extensions", {}))
-    if stored.get("extensions") is not None and old_ext != sorted(extensions):
+    if extensions is not None and stored.get("extensions") is not None and old_ext != sorted(extensions):
         diffs.append(f"extensions: recorded {old_ext}, now {sorted(extensions)}")
     if diffs:
         raise ResumeError(f"{path} was recorded with a different configuration, so resuming would mix two runs: "

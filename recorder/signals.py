@@ -1,14 +1,19 @@
-"""Signals while recording: SIGTERM (what schedulers send before SIGKILL) ends the training
-loop like Ctrl-C does, so the Recorder can flush and mark the run `failed`; while the store
-is being finished, further SIGINT/SIGTERM are held back so a second Ctrl-C cannot leave a
-half-written store. A third signal during the finish gives up on it (the store still opens
-up to its committed rows)."""
+"""Signals while recording.
+
+SIGTERM (what schedulers send before SIGKILL) ends the training loop the way Ctrl-C does,
+by raising in the main thread, so the Recorder flushes and marks the run `failed`. From the
+first signal on, further SIGINT/SIGTERM are held back while the store is finished, so a
+second Ctrl-C cannot leave a half-written store; one more after that abandons the flush
+(the store still opens, up to its committed rows). Handlers the program installed itself
+are left alone, and nothing is installed outside the main thread.
+"""
 from __future__ import annotations
 
 import signal
 import sys
 import threading
-from contextlib import contextmanager
+
+SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
 class Terminated(KeyboardInterrupt):
@@ -23,49 +28,49 @@ def _main_thread() -> bool:
     return threading.current_thread() is threading.main_thread()
 
 
-class TermHandler:
-    """Installs a SIGTERM handler that raises `Terminated`, unless the program has its own."""
+def _is_default(signum, handler) -> bool:
+    return handler is signal.SIG_DFL or (signum == signal.SIGINT and handler is signal.default_int_handler)
 
+
+class SignalGuard:
     def __init__(self):
-        self.previous = None
-        self.installed = False
+        self.saved: dict = {}
+        self.held = 0
 
     def install(self) -> None:
-        if not _main_thread() or signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
-            return   # a framework or the user handles SIGTERM already: leave it to them
-        self.previous = signal.signal(signal.SIGTERM, self._raise)
-        self.installed = True
+        if not _main_thread():
+            return
+        for s in SIGNALS:
+            current = signal.getsignal(s)
+            if _is_default(s, current):
+                self.saved[s] = current
+                signal.signal(s, self._first)
 
-    @staticmethod
-    def _raise(signum, frame):
+    def _first(self, signum, frame):
+        self.hold()
+        if signum == signal.SIGINT:
+            raise KeyboardInterrupt
         raise Terminated(signum)
 
-    def remove(self) -> None:
-        if self.installed and _main_thread():
-            signal.signal(signal.SIGTERM, self.previous)
-        self.installed = False
-
-
-@contextmanager
-def held_signals(what: str):
-    """Defer SIGINT/SIGTERM while `what` runs; the second one received here gives up."""
-    if not _main_thread():
-        yield
-        return
-    count = {"n": 0}
-
-    def hold(signum, frame):
-        count["n"] += 1
-        if count["n"] >= 2:
+    def _hold(self, signum, frame):
+        self.held += 1
+        if self.held >= 2:
             raise Terminated(signum)
-        print(f"dynascope: {signal.Signals(signum).name} received while {what}; finishing the store "
-              f"first (send it again to abandon the flush)", file=sys.stderr, flush=True)
+        print(f"dynascope: {signal.Signals(signum).name} received; finishing the store first "
+              f"(send it again to abandon the flush)", file=sys.stderr, flush=True)
 
-    saved = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
-    for s in saved:
-        signal.signal(s, hold)
-    try:
-        yield
-    finally:
-        for s, h in saved.items():
-            signal.signal(s, h if h is not None else signal.SIG_DFL)
+    def hold(self) -> None:
+        """From now until `remove`, signals are held back (the finish has begun)."""
+        if not _main_thread():
+            return
+        for s in SIGNALS:
+            if s not in self.saved:
+                self.saved[s] = signal.getsignal(s)
+            signal.signal(s, self._hold)
+
+    def remove(self) -> None:
+        if _main_thread():
+            for s, h in self.saved.items():
+                signal.signal(s, h if h is not None else signal.SIG_DFL)
+        self.saved = {}
+        self.held = 0

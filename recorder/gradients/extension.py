@@ -119,6 +119,10 @@ class GradientExtension(Extension):
                 continue
             self.layers.append(_Layer(name, module, rule, params, rule.shape(module, params)))
             covered.update(id(getattr(module, p)) for p in params)
+        if self.layer_patterns:
+            from ..validation import check_patterns_match
+
+            check_patterns_match(self.layer_patterns, [n for n, _ in model.named_modules() if n], "grad_layers")
         seen = set()
         self.total_trainable = 0
         for pname, p in model.named_parameters():
