@@ -104,14 +104,21 @@ def create_store(path: Path, overwrite: bool, attrs: dict, lock=None) -> zarr.Gr
             else:
                 child.unlink()
         path.mkdir(parents=True, exist_ok=True)
-        root = zarr.open_group(str(path), mode="a", zarr_format=3)
+        # attributes in the first zarr.json: a reader never sees a store without them
+        root = zarr.create_group(str(path), zarr_format=3, overwrite=False, attributes=_json_safe({
+            "dynascope": {"schema_version": SCHEMA_VERSION}, "status": "recording",
+            "committed": {}, "created": now(), "versions": versions(), **attrs}))
     except BaseException:
         if lock is not None:
             lock.release()
         raise
-    root.attrs.update({"dynascope": {"schema_version": SCHEMA_VERSION}, "status": "recording",
-                       "committed": {}, "created": now(), "versions": versions(), **attrs})
     return root
+
+
+def _json_safe(value):
+    import json
+
+    return json.loads(json.dumps(value, default=str))
 
 
 def core_specs(classification: bool) -> list[ArraySpec]:
