@@ -12,6 +12,7 @@ import warnings
 import numpy as np
 import xarray as xr
 
+from ..checks import check_range
 from ..registry import register_analysis
 from ..run import Run
 from .data import gradient_group, probe_slice, probe_times, train_chunks
@@ -42,6 +43,7 @@ def majority_opposition(run: Run, source: str = "train", threshold: float = 0.0,
     threshold: an example opposes the majority when its cosine is below it (0: any
     component against the mean step).
     """
+    check_range("threshold", threshold, -1, 1, "a cosine")
     ds = gradient_group(run, source)
     if source == "probe":
         times = probe_times(ds, probes)

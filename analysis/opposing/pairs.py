@@ -10,9 +10,12 @@ a negligible nudge against the other), optionally the classes differ, and b is a
 """
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import xarray as xr
 
+from ..checks import check_range
 from ..registry import register_analysis
 from ..run import Run
 from .data import class_names, gradient_group, num_classes, probe_slice, probe_times, train_chunks
@@ -61,6 +64,9 @@ def opposing_pairs(run: Run, cos_threshold: float | None = -0.5, magnitude_ratio
     selects passes). source='train': pairs within each training batch (`steps` selects).
     top_k: partners kept per example and time (bounds memory and output).
     """
+    check_range("cos_threshold", cos_threshold, -1, 1, "a cosine", optional=True)
+    check_range("magnitude_ratio", magnitude_ratio, 1, math.inf, "the largest allowed norm ratio", optional=True)
+    check_range("top_k", top_k, 1, math.inf, "partners kept per example")
     ds = gradient_group(run, source)
     kw = dict(cos_threshold=cos_threshold, magnitude_ratio=magnitude_ratio,
               cross_class=cross_class, top_k=top_k)
