@@ -207,6 +207,7 @@ class Recorder:
                 self._close_extensions(strict=False)
                 self._fail(writer, error)
         finally:
+            self._notify(writer)
             self._writer = None
             if self._guard is not None:
                 self._guard.remove()
@@ -236,8 +237,9 @@ class Recorder:
         if problems:
             print(f"dynascope: {self.path} stays readable up to its committed rows", file=sys.stderr)
 
-    def _notify(self) -> None:
-        notes = self._writer.notices if self._writer is not None else []
+    def _notify(self, writer: ChunkWriter | None = None) -> None:
+        writer = writer or self._writer
+        notes = writer.notices if writer is not None else []
         for note in notes[self._notified:]:
             warnings.warn(note, stacklevel=3)
         self._notified = len(notes)

@@ -118,3 +118,79 @@ def test_complete_or_missing_runs_cannot_be_resumed(tmp_path, reference):
         record_run(_cfg(reference, resume=True), progress=False)
     with pytest.raises(ResumeError, match="holds no run to resume"):
         record_run(_cfg(tmp_path / "none.zarr", resume=True), progress=False)
+
+
+def test_cli_resume_continues_a_killed_run_with_its_recorded_options(tmp_path, reference):
+    from click.testing import CliRunner
+
+    from dynascope.cli import main
+
+    path = tmp_path / "cli.zarr"
+    _kill_when(path, _cfg(path), 22)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")       # the stale-lock notice
+        res = CliRunner().invoke(main, ["record", "--out", str(path), "--resume", "--device", "cpu"])
+    assert res.exit_code == 0, res.output
+    got, want = _arrays(path), _arrays(reference)
+    for k in want:
+        np.testing.assert_array_equal(got[k], want[k], err_msg=k)
+
+
+def test_api_resume_without_checkpoint_continues_from_committed_rows(tmp_path):
+    """A user's own loop: rows up to the last commit survive, rec.steps says where to go on,
+    and the params rows the kill lost are filled, never shifted."""
+    script = textwrap.dedent("""
+        import sys, time, torch, torch.nn as nn, torch.nn.functional as F
+        from recorder import Recorder
+        torch.set_num_threads(1)
+        model = nn.Linear(4, 3)
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        X, Y = torch.randn(64, 4), torch.arange(64) % 3
+        with Recorder(sys.argv[1], model, num_classes=3, num_examples=64, chunk_steps=4, optimizer=opt) as rec:
+            for step in range(10_000):
+                ids = torch.arange(step % 8 * 8, step % 8 * 8 + 8)
+                with rec.step(example_ids=ids, targets=Y[ids]) as s:
+                    out = model(X[ids])
+                    loss = F.cross_entropy(out, Y[ids], reduction="none")
+                    s.record(losses=loss, logits=out)
+                    loss.mean().backward()
+                opt.step(); opt.zero_grad()
+                time.sleep(0.01)
+    """)
+    path = tmp_path / "api.zarr"
+    proc = subprocess.Popen([sys.executable, "-c", script, str(path)])
+    try:
+        deadline = time.time() + 120
+        while _committed(path) < 13 and time.time() < deadline:
+            time.sleep(0.02)
+    finally:
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+    before = analysis.open_run(path)
+    n = before.committed["train"]
+    ids_before = before.train.example_id.values.copy()
+    model = nn.Linear(4, 3)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with Recorder(path, model, num_classes=3, num_examples=64, chunk_steps=4, optimizer=opt, resume=True) as rec:
+            assert rec.steps == n and rec.optimizer_steps == n
+            for step in range(n, n + 5):
+                ids = torch.arange(step % 8 * 8, step % 8 * 8 + 8)
+                with rec.step(example_ids=ids, targets=Y8[ids]) as s:
+                    out = model(torch.randn(8, 4))
+                    s.record(losses=out.sum(1), logits=out)
+                opt.step()
+    run = analysis.open_run(path)
+    assert run.status == "complete" and run.committed["train"] == n + 5 == run.committed["params"]
+    np.testing.assert_array_equal(run.train.example_id.values[:n], ids_before)
+    expected = np.stack([np.arange(s % 8 * 8, s % 8 * 8 + 8) for s in range(n + 5)])
+    np.testing.assert_array_equal(run.train.example_id.values, expected)
+    np.testing.assert_array_equal(run.train.epoch.values, np.arange(n + 5) // 8)   # epochs carry on
+    np.testing.assert_array_equal(run.train.optimizer_step.values, np.arange(n + 5))
+    params = run.group("params")
+    lost = ~np.isfinite(params.grad_norm.values).all(1)
+    assert lost[n - 1] and not lost[:n - 4].any() and not lost[n:].any()
+
+
+Y8 = torch.arange(64) % 3
