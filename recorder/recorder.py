@@ -10,6 +10,11 @@
                 losses.mean().backward()
             optimizer.step(); optimizer.zero_grad()
 
+Epochs: pass `rec.step(..., epoch=e)` or set `rec.epoch`; otherwise they are inferred from
+repeated example ids (recorder/epochs.py). `Recorder(path, ..., resume=True)` continues an
+interrupted run from its committed rows (`rec.steps` is where the loop goes on); a lock in
+`<run>/.dynascope/` keeps a second writer out. Durability: docs/STORE.md.
+
 Tensors are detached and handed to the background writer as they are (still on the GPU
 if they were): the device-to-host copy happens once per chunk in the writer thread, so
 the training step never synchronises on the recorder.
