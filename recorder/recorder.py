@@ -37,7 +37,7 @@ from .extensions import ArraySpec, BatchContext, Extension
 from .lock import RunLock, control_dir
 from .reserve import DiskReserve
 from .signals import SignalGuard
-from .validation import check_example_ids, check_logits, check_losses, check_targets, nonfinite_counts
+from .validation import check_example_ids, check_logits, check_losses, check_targets
 from .writer import ChunkWriter
 
 PASS_GROUPS = {"train": ("train",), "probe": ("probe", "activations"), "eval": ("eval",)}
@@ -368,8 +368,7 @@ class Recorder:
         owner = {s.name: s.group for e in self.extensions for s in e.specs() if s.group in groups}
         for k, v in values.items():
             by_group[owner.get(k, kind)][k] = v
-        by_group[kind].update(step=self.steps, epoch=self.last_epoch,
-                              **nonfinite_counts(values["loss"], values.get("logits")))
+        by_group[kind].update(step=self.steps, epoch=self.last_epoch)
         for g, row in by_group.items():
             if row:
                 self.writer.append(g, row)
@@ -421,7 +420,6 @@ class StepContext:
             row["target"] = b.targets.detach()
         if b.logits is not None:
             row["logits"] = b.logits.detach()
-        row.update(nonfinite_counts(losses, b.logits))
         for ext in rec.extensions:
             row.update(ext.end_batch(b))
         rec.writer.append("train", row)

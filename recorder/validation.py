@@ -27,8 +27,8 @@ def check_example_ids(example_ids, num_examples: int | None) -> torch.Tensor:
         raise ValueError("example_ids is empty; a recorded batch needs at least one example")
     ids = ids.detach().to("cpu", torch.int64)
     lo, hi = int(ids.min()), int(ids.max())
-    uniq, counts = torch.unique(ids, return_counts=True)
-    if len(uniq) != len(ids):
+    if len(torch.unique(ids)) != len(ids):
+        uniq, counts = torch.unique(ids, return_counts=True)
         dup = uniq[counts > 1]
         raise ValueError(f"example_ids repeat within one batch ({len(ids) - len(uniq)} duplicates, e.g. id "
                          f"{int(dup[0])}); each example may appear once per batch, or its statistics are "
@@ -77,17 +77,6 @@ def check_logits(logits, n: int, num_classes: int | None) -> torch.Tensor:
         raise ValueError(f"logits have {logits.shape[1]} classes but the Recorder was given "
                          f"num_classes={num_classes}")
     return logits
-
-
-def nonfinite_counts(losses: torch.Tensor, logits: torch.Tensor | None) -> dict:
-    """Per-row counts of examples whose loss / logits are NaN or infinite. Kept as tensors
-    (no device sync); the writer stores them and warns once, so a diverged run is never
-    read as a loss of 0."""
-    out = {"nonfinite_loss": (~torch.isfinite(losses.detach())).sum()}
-    if logits is not None:
-        lg = logits.detach()
-        out["nonfinite_logits"] = (~torch.isfinite(lg)).reshape(lg.shape[0], -1).any(1).sum()
-    return out
 
 
 def close_names(wanted: str, names, n: int = 5) -> list[str]:

@@ -277,6 +277,17 @@ class ChunkWriter:
         self.root.attrs["committed"] = dict(self.committed)
 
     def _check_nonfinite(self, group_name: str, start: int, blocks: dict) -> None:
+        """Count examples whose loss / logits are NaN or inf per row (padding excluded), here
+        in the writer thread from the host copies, so training pays nothing for it."""
+        group = self.groups[group_name]
+        if "nonfinite_loss" in group.specs and "loss" in blocks:
+            n = blocks["loss"].shape[0]
+            width = blocks["loss"].shape[1] if blocks["loss"].ndim > 1 else 1
+            valid = (blocks["example_id"] >= 0) if "example_id" in blocks else np.ones((n, width), bool)
+            for name, src in (("nonfinite_loss", "loss"), ("nonfinite_logits", "logits")):
+                if src in blocks and name not in blocks:
+                    bad = ~np.isfinite(blocks[src].reshape(n, width, -1)).all(-1) & valid.reshape(n, width)
+                    blocks[name] = bad.sum(1).astype(np.int32)
         for name in ("nonfinite_loss", "nonfinite_logits"):
             counts = blocks.get(name)
             if counts is None or (group_name, name) in self._nonfinite_warned or not (counts > 0).any():
