@@ -123,8 +123,9 @@ class ParamStats:
         self.scatter = dev.type != "cpu" if scatter is None else scatter
         if self.scatter:
             self._keys = [torch.repeat_interleave(torch.arange(t1 - t0, device=dev) * self.nbins,
-                                                  torch.tensor(self.sizes[t0:t1], device=dev))
-                          for t0, t1, _, _ in self.blocks]
+                                                  torch.tensor(self.sizes[t0:t1], device=dev),
+                                                  output_size=e1 - e0)   # no size read-back
+                          for t0, t1, e0, e1 in self.blocks]
             self._ones = torch.ones(m, dtype=torch.int64, device=dev)
         self.g_views, self.w_views = self._views(self.g), self._views(self.w)
         self.gp_views, self.wp_views = self._views(self.g_prev), self._views(self.w_prev)
