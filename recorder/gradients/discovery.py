@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 import torch.nn as nn
 from torch.nn.utils import parametrize
 
+from . import rules_sequence  # noqa: F401  (registers the attention / recurrent rules)
 from .rules import Rule, TiedRule, find_rule
 
 COMPUTED = ("computed by a parametrization (torch.nn.utils.parametrize / weight_norm): "
