@@ -222,3 +222,14 @@ def test_attention_dropout_is_exact_for_the_masks_drawn():
         idx = [names.index(n) for n in layer.param_names]
         want.append(torch.stack([sum(per[i][j].square().sum() for j in idx) for i in range(4)]))
     assert rel(cols["grad_norm_layer"].square(), torch.stack(want, 1)) <= 1e-4
+
+
+def test_detach_restores_the_modules_own_forward():
+    m = GPT()
+    rnn = RNNLM()
+    for model in (m, rnn):
+        ext = GradientExtension().attach_model(model)
+        ext.attach_model(model)  # re-attaching replaces, never stacks
+        assert len(ext._forwards) == sum("forward" in mod.__dict__ for mod in model.modules())
+        ext.detach()
+        assert not any("forward" in mod.__dict__ for mod in model.modules())

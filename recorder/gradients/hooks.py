@@ -77,8 +77,8 @@ class Hooks:
             if self.fused and self.norms and not tied and fusable(module, feeds[0]):
                 self._install_fused(feeds[0])
         for module, rule, names in plan.forwards:
-            self._install(module, functools.partial(rule.forward, self, {n: by_name[n] for n in names},
-                                                    module.forward))
+            self._install(module, functools.partial(rule.forward, self, module,
+                                                    {n: by_name[n] for n in names}, module.forward))
         self._bn = [m for p, m in model.named_modules() if p in set(self.batchnorm_modules)]
         if any(m.training for m in self._bn):
             self._warn_batchnorm()

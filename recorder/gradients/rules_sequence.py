@@ -136,9 +136,8 @@ class MultiheadAttentionRule(_Expands):
             out.append((f"{path}.bias_kv", m, _BiasKVRule(), kv, path))
         return out
 
-    def forward(self, ext, layers, original, query, key, value, key_padding_mask=None,
+    def forward(self, ext, m, layers, original, query, key, value, key_padding_mask=None,
                 need_weights=True, attn_mask=None, average_attn_weights=True, is_causal=False):
-        m = original.__self__
         args = (query, key, value, key_padding_mask, need_weights, attn_mask, average_attn_weights, is_causal)
         if not ext._active or not torch.is_grad_enabled():
             return original(*args)
@@ -247,8 +246,7 @@ class RecurrentRule(_Expands):
                     out.append((f"{path}:l{layer}{'_reverse' if d else ''}", m, _CellRule(m, layer), names, path))
         return out
 
-    def forward(self, ext, layers, original, input, hx=None):
-        m = original.__self__
+    def forward(self, ext, m, layers, original, input, hx=None):
         if not ext._active or not torch.is_grad_enabled():
             return original(input, hx)
         if isinstance(input, PackedSequence) or input.dim() != 3 or \
