@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from recorder.extensions import BatchContext
 from recorder.gradients import GradientExtension
-from seq_helpers import check, rel
+from seq_helpers import check, rel, token_loss
 
 torch.set_num_threads(1)
 pytestmark = pytest.mark.filterwarnings("ignore:There is a performance drop:UserWarning")
@@ -28,8 +28,8 @@ class GPT(nn.Module):
 
     def forward(self, idx):
         T = idx.shape[1]
-        h = self.tok(idx) + self.pos(torch.arange(T))
-        mask = nn.Transformer.generate_square_subsequent_mask(T)
+        h = self.tok(idx) + self.pos(torch.arange(T, device=idx.device))
+        mask = nn.Transformer.generate_square_subsequent_mask(T, device=idx.device)
         h = h if self.bf else h.transpose(0, 1)
         for block in self.blocks:
             h = block(h, src_mask=mask, is_causal=True)
@@ -233,3 +233,55 @@ def test_detach_restores_the_modules_own_forward():
         assert len(ext._forwards) == sum("forward" in mod.__dict__ for mod in model.modules())
         ext.detach()
         assert not any("forward" in mod.__dict__ for mod in model.modules())
+
+
+def test_gru_classifier_through_the_recorder(tmp_path):
+    """Store side: layer names with ':' and the re-expressed forward through the real
+    Recorder, train and probe passes; probe values exact (eval mode, losses summed)."""
+    import numpy as np
+
+    import analysis
+    from recorder import Recorder
+    torch.manual_seed(10)
+    m = RNNLM(nn.GRU, classify=True, batch_first=True)
+    X, Y = torch.randint(0, 13, (8, 5)), torch.randint(0, 3, (8,))
+    opt = torch.optim.SGD(m.parameters(), lr=0.1)
+    with Recorder(tmp_path / "r.zarr", m, num_classes=3, num_examples=8, optimizer=opt, chunk_steps=2,
+                  grad_norms=True, grad_projection=64) as rec:
+        for s in range(2):
+            idx = torch.arange(4 * s, 4 * s + 4)
+            with rec.step(example_ids=idx, targets=Y[idx]) as step:
+                logits = m(X[idx])
+                losses = ce(logits, Y[idx])
+                step.record(losses=losses, logits=logits)
+                losses.mean().backward()
+            opt.step()
+            opt.zero_grad()
+        rec.probe([(X[:4], Y[:4], torch.arange(4))])
+    run = analysis.open_run(tmp_path / "r.zarr")
+    meta = run.attrs["extensions"]["gradients"]
+    assert meta["covered_fraction"] == 1.0 and "rnn:l0" in meta["layer_names"]
+    assert np.isfinite(run.train.grad_norm.values).all()
+    from seq_helpers import per_example
+    m.eval()
+    g = per_example(m, X[:4], Y[:4], ce, method="loop")
+    want = sum(v.reshape(4, -1).square().sum(1) for v in g.values()).sqrt()
+    assert rel(torch.from_numpy(run.probe.grad_norm.values[0]), want) <= 1e-4
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("kind", ["gpt", "lstm"])
+def test_cuda_matches_cpu(kind):
+    from seq_helpers import run
+    torch.manual_seed(9)
+    m = GPT() if kind == "gpt" else RNNLM(nn.LSTM, num_layers=2, bidirectional=True, batch_first=True)
+    x, y = tokens(17 if kind == "gpt" else 13, 4, 8)
+    ext = GradientExtension(projection_dim=64).attach_model(m)
+    cpu = run(m, ext, x, y, token_loss)
+    ext.detach()
+    m.zero_grad()
+    m.cuda()
+    ext = GradientExtension(projection_dim=64).attach_model(m)
+    gpu = run(m, ext, x.cuda(), y.cuda(), token_loss)
+    for k in cpu:
+        assert rel(gpu[k].cpu(), cpu[k]) < 1e-4, k
