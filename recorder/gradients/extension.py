@@ -19,7 +19,7 @@ from ..extensions import ArraySpec, BatchContext, Extension, register_extension
 from . import checks
 from .factors import full_float32
 from .hooks import Hooks
-from .projection import gaussian_matrix
+from .projection import allocate_dims, gaussian_matrix, split_dims
 
 DEFAULT_PROJECTION_DIM = 1024
 PASS_GROUPS = {"train": ("step", "slot"), "probe": ("probe", "example")}
@@ -110,7 +110,20 @@ class GradientExtension(Hooks, Extension):
 
     # -- setup ---------------------------------------------------------------------
     def attach(self, recorder) -> None:
-        self.attach_model(recorder.model)
+        self.attach_model(recorder.model)  # hooks.py
+
+    def _allocate(self) -> None:
+        """Projection dims and offsets per layer (called by attach_model)."""
+        dims = allocate_dims([l.name for l in self.layers], self.projection_dim)
+        offset = 0
+        for layer in self.layers:
+            d = dims.get(layer.name, 0)
+            if d:
+                layer.proj = (split_dims(d, *layer.shape) if layer.rule.form == "factored"
+                              else (min(d, layer.shape[0]),))
+            layer.offset = offset
+            offset += layer.proj_size
+        self.proj_total = offset
 
     def specs(self) -> list[ArraySpec]:
         names = [l.name for l in self.layers]

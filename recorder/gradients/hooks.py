@@ -18,7 +18,6 @@ import torch.nn as nn
 from . import broadcast, checks
 from .discovery import discover
 from .fused import fusable, fused_forward
-from .projection import allocate_dims, split_dims
 from .rules import TiedRule
 
 PASS_KINDS = ("train", "probe")
@@ -83,18 +82,6 @@ class Hooks:
         if any(m.training for m in self._bn):
             self._warn_batchnorm()
         return self
-
-    def _allocate(self) -> None:
-        dims = allocate_dims([l.name for l in self.layers], self.projection_dim)
-        offset = 0
-        for layer in self.layers:
-            d = dims.get(layer.name, 0)
-            if d:
-                layer.proj = (split_dims(d, *layer.shape) if layer.rule.form == "factored"
-                              else (min(d, layer.shape[0]),))
-            layer.offset = offset
-            offset += layer.proj_size
-        self.proj_total = offset
 
     def _hint(self, module, path: str) -> None:
         for pattern, axis in (self.batch_axis or {}).items():
