@@ -77,11 +77,13 @@ def test_gpt_style_lm_tied_head_positions_and_attention(batch_first):
     assert torch.isfinite(cols["grad_norm"]).all()
 
 
-def test_positions_when_sequence_length_equals_batch_size():
-    """pos(arange(T)) with T == B is a broadcast, not one index per example."""
+@pytest.mark.parametrize("hint", [None, {"*": 0}])
+def test_positions_when_sequence_length_equals_batch_size(hint):
+    """pos(arange(T)) with T == B is a broadcast, not one index per example; the (B, B, d)
+    inputs of the other layers are settled by the first step's check (or the hint)."""
     torch.manual_seed(1)
     m = GPT(T=6)
-    ext = GradientExtension(projection_dim=64, batch_axis={"*": 0}).attach_model(m)
+    ext = GradientExtension(projection_dim=64, batch_axis=hint).attach_model(m)
     check(m, *tokens(17, 6, 6, seed=2), ext=ext)
 
 

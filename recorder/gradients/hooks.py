@@ -120,6 +120,7 @@ class Hooks:
         elif axis is None:
             path = next((l.path for l in feeds), "")
             extra["invalid"] = AMBIGUOUS.format(B=self._bsz, path=path)
+            extra["ambiguous"] = True  # a check step may still resolve it (checks.py)
         elif axis != 0:
             extra["invalid"] = NOT_BATCH
         self.capture(feeds, x, output, extra)
