@@ -22,6 +22,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from dynascope import storage
+
 from . import store as store_mod
 from .extensions import ArraySpec, BatchContext, Extension
 from .validation import check_example_ids, check_logits, check_losses, check_targets
@@ -38,12 +40,14 @@ class Recorder:
                  config: dict | None = None, overwrite: bool = False, chunk_steps: int = 64,
                  expected_steps: int | None = None, loss_fn=None, extensions: list[Extension] = (),
                  dataset_info: dict | None = None, model_info: dict | None = None,
-                 **extension_options):
+                 storage_options: dict | None = None, **extension_options):
         if num_classes is not None and (int(num_classes) != num_classes or num_classes < 1):
             raise ValueError(f"num_classes must be a positive integer, got {num_classes!r}")
         if num_examples is not None and (int(num_examples) != num_examples or num_examples < 1):
             raise ValueError(f"num_examples must be a positive integer, got {num_examples!r}")
-        self.path = Path(path)
+        loc = storage.location(path, storage_options)   # a local Path, or an fsspec URL
+        self.path = loc.local if loc.local is not None else loc
+        self.storage_options = storage_options
         self.model = model
         self.optimizer = optimizer
         self.num_classes = None if num_classes is None else int(num_classes)
@@ -79,7 +83,8 @@ class Recorder:
         return False
 
     def open(self) -> "Recorder":
-        root = store_mod.create_store(self.path, overwrite=self.overwrite, attrs=self._root_attrs())
+        root = store_mod.create_store(self.path, overwrite=self.overwrite, attrs=self._root_attrs(),
+                                      storage_options=self.storage_options)
         self._writer = ChunkWriter(root, committed={g: 0 for g, _, _ in store_mod.ROW_GROUPS}, expected_rows={"train": self.expected_steps or 0,
                                                                      "params": self.expected_steps or 0})
         for name, row_dim, chunk in store_mod.ROW_GROUPS:
@@ -146,7 +151,7 @@ class Recorder:
         finally:
             self._writer = None
         if status == "complete":
-            store_mod.consolidate(self.path)
+            store_mod.consolidate(self.path, self.storage_options)
 
     @property
     def writer(self) -> ChunkWriter:
