@@ -148,7 +148,7 @@ class Location:
     def zarr_store(self, read_only: bool = False):
         """What zarr.open_group / xarray.open_zarr take for this location."""
         if self.local is not None:
-            return str(self.local)
+            return str(self.local.absolute())   # dask workers may run in another directory
         from zarr.storage import FsspecStore
 
         self.fs  # noqa: B018 - raises the clear missing-package error first
