@@ -16,6 +16,8 @@ import zarr
 
 from dynascope import storage
 
+from . import ranks
+
 SCHEMA_VERSION = 1
 ROW_DIMS = {"train": "step", "params": "step", "probe": "probe", "eval": "eval",
             "activations": "probe", "snapshots": "snapshot"}
@@ -163,6 +165,7 @@ def open_run(path: str | Path, storage_options: dict | None = None) -> Run:
         if row_dim is not None:
             ds = _trim(ds, row_dim, int(committed.get(child, 0)))
         groups[child] = ds
+    attrs, groups = ranks.merge(loc, attrs, groups, _open_group, _trim, RunError)   # torch.distributed runs
     return Run(path=path, attrs=attrs, groups=groups)
 
 
