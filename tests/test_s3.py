@@ -99,6 +99,22 @@ def test_s3_run_round_trips_exactly(s3, local_run):
     xr.testing.assert_equal(analysis.load_result(run.path, "forgetting").load(), result.load())
 
 
+def test_cli_analyzes_an_s3_run(s3, local_run):
+    import json
+
+    from click.testing import CliRunner
+
+    from dynascope.cli import main
+
+    url = "s3://runs/exp/cli.zarr"
+    _train(url, storage_options=s3)
+    remote = CliRunner().invoke(main, ["analyze", url, "--only", "forgetting", "--storage-options", json.dumps(s3)])
+    local = CliRunner().invoke(main, ["analyze", str(local_run), "--only", "forgetting"])
+    assert remote.exit_code == 0, remote.output
+    assert remote.output.splitlines()[1:] == local.output.splitlines()[1:]   # line 0 names the run
+    assert remote.output.splitlines()[0] == f"run: {url}"
+
+
 def test_s3_store_is_never_overwritten_unless_asked(s3):
     url = "s3://runs/exp/twice.zarr"
     _train(url, storage_options=s3)
