@@ -144,3 +144,16 @@ def test_a_url_never_becomes_a_local_folder(tmp_path, monkeypatch):
     with pytest.raises(StorageError, match="storage_options were given for the local path"):
         _train(tmp_path / "run.zarr", storage_options={"key": "x"})
     assert os.listdir(tmp_path) == []
+
+
+def test_missing_filesystem_package_names_the_extra(monkeypatch, tmp_path):
+    import importlib
+
+    reg = importlib.import_module("fsspec.registry")   # the module; `fsspec.registry` is a mapping
+    monkeypatch.setitem(reg.known_implementations, "s3",
+                        {"class": "no_such_package_here.S3FileSystem", "err": "Install s3fs to access S3"})
+    monkeypatch.delitem(reg._registry, "s3", raising=False)
+    with pytest.raises(StorageError, match=r"s3:// needs a filesystem package .*pip install 'dynascope\[s3\]'"):
+        open_run("s3://bucket/run.zarr")
+    with pytest.raises(StorageError, match=r"pip install 'dynascope\[s3\]'"):
+        _train("s3://bucket/run.zarr")
