@@ -77,21 +77,22 @@ class PerExample:
         return len(self.examples)
 
 
-def blocks(run: Run, scores, until_step: int | None = None) -> Iterator[Block]:
-    """The train table in blocks of whole zarr chunks, with `scores` for every presentation."""
+def blocks(run: Run, scores, theta=None) -> Iterator[Block]:
+    """The train table in blocks of whole zarr chunks, with `scores` for every presentation.
+    `theta` is passed on to the score functions (the sequence-run definition of "correct")."""
+    extra = () if theta is None else (theta,)
     train = run.train
-    scores = _available(train, scores)
+    scores = _available(train, scores, *extra)
     rows, slots = train.sizes["step"], max(1, train.sizes.get("slot", 1))
     chunks = train["example_id"].chunks
     chunk = chunks[0][0] if chunks else rows
     per = max(chunk, BLOCK_CELLS // slots // max(chunk, 1) * chunk)
     epoch_all = train["epoch"].values.astype(np.int64) if "epoch" in train else np.zeros(rows, np.int64)
-    stop_all = rows if until_step is None else min(rows, max(0, until_step + 1))
-    for start in range(0, stop_all, per):
-        sub = train.isel(step=slice(start, min(stop_all, start + per)))
+    for start in range(0, rows, per):
+        sub = train.isel(step=slice(start, min(rows, start + per)))
         ids = sub["example_id"].values
         target = sub["target"].values if "target" in sub else np.full(ids.shape, -1)
-        vals = _blockwise(sub, "step", target, scores)
+        vals = _blockwise(sub, "step", target, scores, *extra)
         cells = np.flatnonzero(ids.ravel() >= 0)
         step = start + cells // ids.shape[1]
         yield Block(ids.ravel()[cells], step, epoch_all[step], target.ravel()[cells],
@@ -115,7 +116,7 @@ def _grouped(index: np.ndarray):
     return order, idx, first, last
 
 
-def moments(run: Run, names, std=()) -> tuple[PerExample, dict]:
+def moments(run: Run, names, std=(), theta=None) -> tuple[PerExample, dict]:
     """Per-example count of presentations, and for each score its mean over the non-NaN
     presentations (plus the population std for names in `std`: a second pass, as in the
     gathered path's two-pass formula)."""
@@ -124,7 +125,7 @@ def moments(run: Run, names, std=()) -> tuple[PerExample, dict]:
     for n in names:
         ex.add(f"n_{n}", 0, np.int64)
         ex.add(f"sum_{n}", 0.0, np.float64)
-    for b in blocks(run, names):
+    for b in blocks(run, names, theta):
         ex.observe(b)
         ex.presentations += np.bincount(b.index, minlength=len(ex.seen))
         for n in names:
@@ -137,7 +138,7 @@ def moments(run: Run, names, std=()) -> tuple[PerExample, dict]:
             out[f"mean_{n}"] = getattr(ex, f"sum_{n}") / getattr(ex, f"n_{n}")
     if std:
         sq = {n: np.zeros(len(ex.seen)) for n in std}
-        for b in blocks(run, std):
+        for b in blocks(run, std, theta):
             for n in std:
                 ok, v = _valid(b, n)
                 idx = b.index[ok]
@@ -151,7 +152,7 @@ def moments(run: Run, names, std=()) -> tuple[PerExample, dict]:
     return PerExample(ex), res
 
 
-def correctness_counts(run: Run) -> tuple[PerExample, dict]:
+def correctness_counts(run: Run, theta=None) -> tuple[PerExample, dict]:
     """Forgetting/learning transitions between consecutive non-NaN presentations of each
     example, presentations and correct counts, first correct step and epoch."""
     ex = Examples()
@@ -160,7 +161,7 @@ def correctness_counts(run: Run) -> tuple[PerExample, dict]:
         ex.add(name, 0, np.int64)
     ex.add("first_step", np.nan, np.float64)
     ex.add("first_epoch", np.nan, np.float64)
-    for b in blocks(run, ("correct",)):
+    for b in blocks(run, ("correct",), theta):
         ex.observe(b)
         ok = ~np.isnan(b.scores["correct"])
         index, cur = b.index[ok], b.scores["correct"][ok].astype(bool)
@@ -188,14 +189,14 @@ def correctness_counts(run: Run) -> tuple[PerExample, dict]:
                             ("forgetting", "learning", "presentations", "times_correct", "first_step", "first_epoch")}
 
 
-def latest(run: Run, name: str, step: int | None = None) -> tuple[PerExample, np.ndarray, np.ndarray]:
+def latest(run: Run, name: str, step: int | None = None, theta=None) -> tuple[PerExample, np.ndarray, np.ndarray]:
     """Each example's non-NaN `name` at its latest presentation at or before `step` (None:
     the end), and the step it came from (NaN if none). Every example of the whole run is
     listed, as in the gathered path."""
     ex = Examples()
     ex.add("score", np.nan, np.float64)
     ex.add("at", np.nan, np.float64)
-    for b in blocks(run, (name,)):
+    for b in blocks(run, (name,), theta):
         ex.observe(b)
         keep = ~np.isnan(b.scores[name])
         if step is not None:
@@ -207,7 +208,7 @@ def latest(run: Run, name: str, step: int | None = None) -> tuple[PerExample, np
     return PerExample(ex), ex.score[ids], ex.at[ids]
 
 
-def epoch_tables(run: Run, names) -> tuple[PerExample, np.ndarray, dict]:
+def epoch_tables(run: Run, names, theta=None) -> tuple[PerExample, np.ndarray, dict]:
     """Mean of each score per (epoch, example) over its non-NaN presentations (NaN where an
     example had none); the epochs are those with at least one presentation.
 
@@ -230,7 +231,7 @@ def epoch_tables(run: Run, names) -> tuple[PerExample, np.ndarray, dict]:
             with np.errstate(invalid="ignore", divide="ignore"):
                 rows[n][r] = total / count
 
-    for b in blocks(run, names):
+    for b in blocks(run, names, theta):
         ex.observe(b)
         width = len(ex.seen)
         row = row_of_step[b.step]
@@ -264,13 +265,13 @@ def epoch_tables(run: Run, names) -> tuple[PerExample, np.ndarray, dict]:
     return PerExample(ex), bins, tables
 
 
-def forgetting_train(run: Run, never_learned: str) -> tuple[PerExample, dict]:
+def forgetting_train(run: Run, never_learned: str, theta=None) -> tuple[PerExample, dict]:
     """`forgetting.forgetting_counts` for the train source, from one streamed pass."""
     from .forgetting import NEVER_LEARNED
 
     if never_learned not in NEVER_LEARNED:
         raise ValueError(f"never_learned must be one of {NEVER_LEARNED}, got {never_learned!r}")
-    seq, c = correctness_counts(run)
+    seq, c = correctness_counts(run, theta)
     forgetting = c["forgetting"].astype(np.float64)
     presentations, times_correct = c["presentations"], c["times_correct"]
     learned = times_correct > 0
