@@ -15,6 +15,10 @@ import numpy as np
 import xarray as xr
 import zarr
 
+from dynascope import storage
+
+from . import ranks
+
 SCHEMA_VERSION = 1
 ROW_DIMS = {"train": "step", "params": "step", "probe": "probe", "eval": "eval",
             "activations": "probe", "snapshots": "snapshot"}
@@ -102,30 +106,29 @@ class Run:
         return self.group("ground_truth")
 
 
-def _open_group(path: Path, name: str, row_dim: str | None = None, rows: int | None = None) -> xr.Dataset | None:
-    """One group as a lazy Dataset, rows past `rows` dropped.
+def _open_group(path, name: str) -> xr.Dataset | None:
+    """One group as a lazy Dataset (None if the store has no such group).
 
     A store that is still recording (or was killed mid-resize) can hold arrays of unequal
     length along a dimension; xarray refuses those, so such a group is opened array by array
-    and every dimension cut to what all its arrays hold (committed rows are in all of them).
-    Arrays replaced while we read are retried, so a reader polling a live run never fails.
+    and every dimension cut to what all its arrays hold (committed rows are in all of them;
+    the caller trims to them). Arrays replaced while we read are retried, so a reader polling
+    a live run never fails.
     """
     last: Exception | None = None
     for attempt in range(6):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
+            store = storage.location(path).zarr_store(read_only=True)
             try:
                 # never trust consolidated metadata here: it is written at close and goes
                 # stale when results are saved later or a run is still recording
                 try:
-                    ds = xr.open_zarr(path, group=name, consolidated=False)
+                    return xr.open_zarr(store, group=name, consolidated=False)
                 except ValueError:
-                    ds = _open_piecewise(path, name)
-                return _trim(ds, row_dim, rows) if row_dim is not None and rows is not None else ds
-            except (zarr.errors.GroupNotFoundError, NotADirectoryError):
-                return None
-            except (FileNotFoundError, KeyError, ValueError, OSError) as e:
-                if not (path / name / "zarr.json").exists():
+                    return _open_piecewise(store, name)
+            except (FileNotFoundError, KeyError, zarr.errors.GroupNotFoundError, ValueError, OSError) as e:
+                if not _group_exists(store, name):
                     return None
                 last = e
         time.sleep(0.05 * (attempt + 1))
@@ -133,8 +136,16 @@ def _open_group(path: Path, name: str, row_dim: str | None = None, rows: int | N
                    f"is another process rewriting it?") from last
 
 
-def _open_piecewise(path: Path, name: str) -> xr.Dataset:
-    group = zarr.open_group(str(path / name), mode="r")
+def _group_exists(store, name: str) -> bool:
+    try:
+        zarr.open_group(store, path=name, mode="r")
+        return True
+    except Exception:  # noqa: BLE001 - any failure to open means: not a readable group
+        return False
+
+
+def _open_piecewise(store, name: str) -> xr.Dataset:
+    group = zarr.open_group(store, path=name, mode="r")
     dims_of = {k: (tuple(a.metadata.dimension_names or ()), a.shape) for k, a in group.arrays()}
     sizes: dict[str, int] = {}
     for dims, shape in dims_of.values():
@@ -142,22 +153,23 @@ def _open_piecewise(path: Path, name: str) -> xr.Dataset:
             sizes[d] = min(sizes.get(d, n), n)
     parts = []
     for var, (dims, _) in dims_of.items():
-        one = xr.open_zarr(path, group=name, consolidated=False,
+        one = xr.open_zarr(store, group=name, consolidated=False,
                            drop_variables=[v for v in dims_of if v != var])
         parts.append(one.isel({d: slice(0, sizes[d]) for d in dims if d in one.dims}))
     return xr.merge(parts, combine_attrs="override", join="exact") if parts else xr.Dataset()
 
 
 def _read_root_attrs(path: Path) -> dict:
-    meta = path / "zarr.json"
-    if not path.exists():
+    loc = storage.location(path)
+    meta = loc / "zarr.json"
+    if not loc.exists():
         raise RunError(f"{path} does not exist; pass the path of a run recorded with "
                        f"`dynascope record` or recorder.Recorder")
-    if not meta.exists():
+    if not loc.exists("zarr.json"):
         raise RunError(f"{path} is not a Zarr v3 store (no zarr.json); "
                        f"pass the path of a dynascope run (a directory ending in .zarr)")
     try:
-        attrs = json.loads(meta.read_text()).get("attributes", {})
+        attrs = loc.read_json("zarr.json").get("attributes", {})
     except json.JSONDecodeError as e:
         raise RunError(f"{meta} is not valid JSON ({e}); the store is damaged") from None
     info = attrs.get("dynascope")
@@ -177,29 +189,34 @@ def _trim(ds: xr.Dataset, row_dim: str, rows: int) -> xr.Dataset:
     return ds
 
 
-def open_run(path: str | Path) -> Run:
-    """Open a run for analysis. Groups are lazy; rows past `committed` are dropped."""
-    path = Path(path)
-    attrs = _read_root_attrs(path)
+def open_run(path: str | Path, storage_options: dict | None = None) -> Run:
+    """Open a run for analysis: a local path or an fsspec URL (s3://, gs://, memory://; credentials
+    in `storage_options`). Groups are lazy; rows past `committed` are dropped."""
+    loc = storage.location(path, storage_options)
+    path = loc.local if loc.local is not None else loc
+    attrs = _read_root_attrs(loc)
     committed = attrs.get("committed", {})
     groups: dict[str, xr.Dataset] = {}
-    for child in sorted(p.name for p in path.iterdir() if (p / "zarr.json").exists()):
+    for child in loc.children():
         if child == "analysis":
             continue
-        row_dim = ROW_DIMS.get(child)
-        ds = _open_group(path, child, row_dim, int(committed.get(child, 0)) if row_dim else None)
+        ds = _open_group(loc, child)
         if ds is None or not ds.variables:
             continue
+        row_dim = ROW_DIMS.get(child)
+        if row_dim is not None:
+            ds = _trim(ds, row_dim, int(committed.get(child, 0)))
         groups[child] = ds
+    attrs, groups = ranks.merge(loc, attrs, groups, _open_group, _trim, RunError)   # torch.distributed runs
     return Run(path=path, attrs=attrs, groups=groups)
 
 
 def saved_results(path: str | Path) -> list[str]:
     """Names of analysis results saved in the store."""
-    base = Path(path) / "analysis"
+    base = storage.location(path) / "analysis"
     if not base.exists():
         return []
-    return sorted(p.name for p in base.iterdir() if (p / "zarr.json").exists())
+    return base.children()
 
 
 def save_result(path: str | Path, name: str, result: xr.Dataset, params: dict) -> str:
@@ -214,14 +231,15 @@ def save_result(path: str | Path, name: str, result: xr.Dataset, params: dict) -
     group = f"analysis/{name}"
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        out.to_zarr(Path(path), group=group, mode="w", consolidated=False)
-        if (Path(path) / "zarr.json").exists() and "consolidated_metadata" in (Path(path) / "zarr.json").read_text():
-            zarr.consolidate_metadata(str(path))  # keep plain xr.open_zarr(path, group=...) in sync
+        loc = storage.location(path)
+        out.to_zarr(loc.zarr_store(), group=group, mode="w", consolidated=False)
+        if loc.exists("zarr.json") and "consolidated_metadata" in loc.read_json("zarr.json"):
+            zarr.consolidate_metadata(loc.zarr_store())  # keep plain xr.open_zarr(path, group=...) in sync
     return group
 
 
 def load_result(path: str | Path, name: str) -> xr.Dataset:
-    ds = _open_group(Path(path), f"analysis/{name}")
+    ds = _open_group(storage.location(path), f"analysis/{name}")
     if ds is None:
         raise RunError(f"no saved analysis '{name}' in {path}; "
                        f"saved: {', '.join(saved_results(path)) or 'none'}")

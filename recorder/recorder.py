@@ -30,11 +30,14 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from dynascope import storage
+
+from . import distributed
 from . import resume as resume_mod
 from . import store as store_mod
 from .epochs import EpochTracker
 from .extensions import ArraySpec, BatchContext, Extension
-from .lock import RunLock, control_dir
+from .lock import NoLock, RunLock, control_dir
 from .reserve import DiskReserve
 from .signals import SignalGuard
 from .validation import check_example_ids, check_logits, check_losses, check_targets
@@ -51,14 +54,17 @@ class Recorder:
                  config: dict | None = None, overwrite: bool = False, chunk_steps: int = 64,
                  expected_steps: int | None = None, loss_fn=None, extensions: list[Extension] = (),
                  dataset_info: dict | None = None, model_info: dict | None = None,
-                 resume: bool = False, resume_state: dict | None = None, handle_signals: bool = True,
-                 **extension_options):
+                 storage_options: dict | None = None, resume: bool = False, resume_state: dict | None = None,
+                 handle_signals: bool = True, **extension_options):
         if num_classes is not None and (int(num_classes) != num_classes or num_classes < 1):
             raise ValueError(f"num_classes must be a positive integer, got {num_classes!r}")
         if num_examples is not None and (int(num_examples) != num_examples or num_examples < 1):
             raise ValueError(f"num_examples must be a positive integer, got {num_examples!r}")
-        self.path = Path(path)
-        self.model = model
+        loc = storage.location(path, storage_options)   # a local Path, or an fsspec URL
+        self.path = loc.local if loc.local is not None else loc
+        self.storage_options = storage_options
+        self.rank = distributed.current()
+        self.model = distributed.unwrap(model)   # hooks and probe passes use the module inside DDP
         self.optimizer = optimizer
         self.num_classes = None if num_classes is None else int(num_classes)
         self.num_examples = None if num_examples is None else int(num_examples)
@@ -73,6 +79,8 @@ class Recorder:
         self.chunk_steps = int(chunk_steps)
         self.expected_steps = expected_steps
         self.loss_fn = loss_fn or (_classification_loss if self.num_classes else _regression_loss)
+        if not self.rank.is_main:   # parameters are the same on every rank: rank 0 records them
+            extension_options.setdefault("param_stats", False)
         self.extensions: list[Extension] = list(extensions) + store_mod.build_extensions(extension_options, extensions)
         self.dataset_info = dict(dataset_info or {})
         self.model_info = dict(model_info or {})
@@ -85,9 +93,12 @@ class Recorder:
         self._writer: ChunkWriter | None = None
         self._handles: list = []
         self._t0 = 0.0
-        self._epochs = EpochTracker(self.num_examples)
-        self._lock = RunLock(self.path)
-        self._reserve = DiskReserve(control_dir(self.path))
+        # under DDP each rank sees its shard: ceil(N / world) examples an epoch
+        self._epochs = EpochTracker(distributed.examples_per_epoch(self.num_examples, self.rank))
+        self._local = loc.local is not None   # lock and reserve need a directory; object stores have none
+        store_dir = distributed.rank_path(self.path, self.rank) if self._local else None
+        self._lock = RunLock(store_dir) if self._local else NoLock()
+        self._reserve = DiskReserve(control_dir(store_dir)) if self._local else NoLock()
         self._guard = SignalGuard() if handle_signals else None
         self._notified = 0
 
@@ -105,6 +116,9 @@ class Recorder:
 
     def open(self) -> "Recorder":
         if self.resume:
+            if not self._local or self.rank.active:
+                raise ValueError("resume=True needs a local run directory recorded by one process; "
+                                 "object-store and multi-rank runs cannot be resumed yet")
             stored = resume_mod.stored_attrs(self.path)
             self._lock.acquire("resume it")
             try:
@@ -114,8 +128,10 @@ class Recorder:
                 raise
             committed = dict(stored.get("committed", {}))
         else:
-            root = store_mod.create_store(self.path, overwrite=self.overwrite, attrs=self._root_attrs(),
-                                          lock=self._lock)
+            root = distributed.after_main(self.rank, lambda: store_mod.create_store(
+                distributed.rank_path(self.path, self.rank), overwrite=self.overwrite,
+                attrs={**self._root_attrs(), **distributed.root_attrs(self.rank)},
+                storage_options=self.storage_options, lock=self._lock))
             committed = {}
         try:
             self._open_writer(root, committed, stored if self.resume else None)
@@ -139,8 +155,8 @@ class Recorder:
         if writer is not None:
             attrs = {"status": "failed", "error": f"resume failed: {type(error).__name__}: {error}"} if self.resume else None
             writer.abort(attrs)
-        if not self.resume:
-            shutil.rmtree(self.path, ignore_errors=True)
+        if not self.resume and self._local:
+            shutil.rmtree(distributed.rank_path(self.path, self.rank), ignore_errors=True)
         self._lock.release()
 
     def _open_writer(self, root, committed: dict, stored: dict | None) -> None:
@@ -207,7 +223,7 @@ class Recorder:
                 except BaseException as e:
                     self._fail(writer, f"closing the store failed: {type(e).__name__}: {e}")
                     raise
-                store_mod.consolidate(self.path)
+                store_mod.consolidate(distributed.rank_path(self.path, self.rank), self.storage_options)
             else:
                 self._close_extensions(strict=False)
                 self._fail(writer, error)
@@ -302,6 +318,8 @@ class Recorder:
         self._pass("eval", loader, loss_fn or self.loss_fn)
 
     def _pass(self, kind: str, loader, loss_fn) -> None:
+        if not self.rank.is_main:   # rank 0 probes and evaluates; the same script runs everywhere
+            return
         writer = self.writer
         groups = PASS_GROUPS[kind]
         active = [e for e in self.extensions if any(s.group in groups for s in e.specs())]

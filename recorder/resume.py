@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import time
-import warnings
 
 import numpy as np
 import torch
@@ -77,19 +76,18 @@ def reopen(path, stored: dict) -> zarr.Group:
 
 def align_groups(rec, writer, root: zarr.Group) -> None:
     """After a kill the groups that share a row index can disagree: probe/activations are cut
-    to the rows both hold; params rows lost behind train are committed as fill values."""
+    to the rows both hold."""
     c = writer.committed
     if "activations" in root and "probe" in root:
         m = min(c.get("probe", 0), c.get("activations", 0))
         writer.truncate({"probe": m, "activations": m})
-    params, train = c.get("params", 0), c.get("train", 0)
-    if "params" in root or any(s.group == "params" for e in rec.extensions for s in e.specs()):
-        if params > train:
-            writer.truncate({"params": train})
-        elif params < train:
-            warnings.warn(f"{rec.path}: parameter statistics of steps {params}..{train - 1} were lost when the "
-                          f"run was interrupted; those params/ rows hold fill values (NaN / -1)", stacklevel=4)
-            writer.pad("params", train)
+    # params rows name their own train step (a cadence records every N-th), so rows the
+    # kill lost are simply absent; none can lie beyond the train rows
+    if "params" in root and "step" in root["params"] and c.get("params", 0):
+        steps = np.asarray(root["params"]["step"][:c["params"]])
+        keep = int(np.searchsorted(steps, c.get("train", 0)))
+        if keep < c["params"]:
+            writer.truncate({"params": keep})
 
 
 def counters_from_store(rec, root: zarr.Group) -> None:
