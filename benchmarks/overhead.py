@@ -3,7 +3,7 @@
     python benchmarks/overhead.py            # seed CNN, batch 128, 2 torch threads, CPU
 
 Step time with the recorder / plain training for (a) losses + logits, (b) + exact
-per-example gradient norms, (c) + 1024-dim factored projections, (b) and (c) again with the
+per-example gradient norms, (c) + a 1024-dim sketch, (c) + the exact in-batch Gram, (b) and (c) again with the
 fused conv backward off (`grad_fused=False`); baselines: a per-example
 Python loop and torch.func vmap gradients + a dense Gaussian projection; the writer's
 throughput / a raw sequential write of the same bytes; the share of step time the
@@ -156,7 +156,8 @@ def writer_throughput(tmp: str, B: int, proj_dim: int, rows: int):
             "example_id": torch.arange(B) + i * B, "target": torch.randint(0, 10, (B,), generator=g),
             "loss": torch.rand(B, generator=g), "logits": torch.randn(B, 10, generator=g),
             "grad_norm": torch.rand(B, generator=g), "grad_norm_layer": torch.rand(B, n_layers, generator=g),
-            "grad_proj": torch.randn(B, rec.extensions[0].proj_total, generator=g).half()})
+            "grad_proj": torch.randn(B, rec.extensions[0].proj_total, generator=g).half(),
+            "grad_proj_scale": torch.rand(B, generator=g)})
     w = rec.writer
     b0, s0 = w.bytes_written, w.write_seconds
     t0 = time.perf_counter()
@@ -201,6 +202,8 @@ def main(argv=None):
                     Variant("rec_norms_proj_unfused", base, tmp, {"grad_norms": True, "grad_fused": False,
                                                                   "grad_projection": args.proj_dim,
                                                                   "param_stats": False}),
+                    Variant("rec_norms_proj_gram", base, tmp, {"grad_norms": True, "grad_projection": args.proj_dim,
+                                                               "grad_gram": True, "param_stats": False}),
                     Variant("rec_proj_only", base, tmp, {"grad_norms": False, "grad_projection": args.proj_dim,
                                                          "param_stats": False}),
                     # the Recorder's default: losses + logits + per-parameter statistics (issue 7)

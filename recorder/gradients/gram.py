@@ -87,24 +87,27 @@ class DirectSignals:
         """sketch: callable (b, n) -> (b, K) or None. Returns (sq, proj, gram, total)."""
         chunks = list(_chunks(self.batch, self.n, GROUPED_EXAMPLES))
         keep = gram and self.batch * self.n <= DIRECT_KEEP_ELEMS
-        kept, sq, proj, total = [], [], [], None
+        kept, sq, proj, total = None, [], [], None
         for s in chunks:
             G = self.grads(s)
             flat = G.reshape(G.shape[0], -1)
+            if keep:  # written in place: the batch's F is one buffer, no concatenation
+                if kept is None:
+                    kept = flat.new_empty(self.batch, self.n)
+                kept[s] = flat
+                flat = kept[s]
             if want_sum:
                 part = G.sum(0)
                 total = part if total is None else total + part
             sq.append(flat.square().sum(1))
             if sketch is not None:
                 proj.append(sketch(flat))
-            if keep:
-                kept.append(flat)
         gm = None
         if gram:
-            gm = self._gram(chunks, kept) if not keep else (lambda F: F @ F.t())(torch.cat(kept))
+            gm = kept @ kept.t() if keep else self._gram()
         return torch.cat(sq), (torch.cat(proj) if sketch is not None else None), gm, total
 
-    def _gram(self, chunks, kept) -> torch.Tensor:
+    def _gram(self) -> torch.Tensor:
         """Block by block when the batch's gradients do not fit: row block I formed once,
         every other block recomputed (memory two blocks, compute ~ (B / block) passes)."""
         step = max(1, DIRECT_KEEP_ELEMS // (2 * self.n))
