@@ -84,3 +84,15 @@ def test_tiny_gradients_keep_their_direction_in_the_store(tmp_path):
     assert np.allclose(scale, np.linalg.norm(ref, axis=1), rtol=1e-4)
     assert gram_rel_err(torch.from_numpy(run.train.grad_gram[0].values), gram) <= 1e-4
     assert (np.abs(ref).max(1) < 6e-8).all()  # what the old fixed-scale float16 stored as 0
+
+
+def test_grad_gram_flag_reaches_the_recorder():
+    """`dynascope record --grad-gram` -> TrainConfig.grad_gram -> Recorder(grad_gram=True)."""
+    from dynascope.cli import record as record_cmd
+    from recorder.driver import TrainConfig, _extension_options
+
+    assert any(p.name == "grad_gram" for p in record_cmd.params)
+    opts = _extension_options(TrainConfig(grad_gram=True))
+    assert opts["grad_gram"] is True
+    from recorder.extension_options import ENABLING, KEYWORDS
+    assert "grad_gram" in ENABLING["gradients"] and KEYWORDS["grad_gram"][2] == "gram"

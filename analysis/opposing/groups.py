@@ -27,7 +27,7 @@ import xarray as xr
 from ..registry import register_analysis
 from ..run import Run
 from .clustering import average_linkage
-from .data import gradient_group, probe_slice
+from .data import Dropped, gradient_group, probe_slice
 
 
 def extreme_movers(delta: np.ndarray, top: int) -> tuple[np.ndarray, np.ndarray]:
@@ -132,8 +132,12 @@ def opposing_groups(run: Run, top_fraction: float = 0.05, min_hits: int = 1,
         cand = np.sort(cand[np.argsort(-hits[cand], kind="stable")[:max_candidates]])
     # pass 1: mean pairwise gradient cosine of the candidates over probes (O(M^2) memory)
     sim = np.zeros((len(cand), len(cand)))
+    dropped = Dropped("opposing_groups")  # a NaN / zero candidate row counts as similarity 0
     for p in range(P):
-        U = _unit(probe_slice(ds, p)[0][cand].astype(np.float64))
+        G = probe_slice(ds, p)[0][cand].astype(np.float64)
+        n = np.linalg.norm(G, axis=1)
+        dropped.add(np.isfinite(n) & (n > 0), np.ones(len(cand), bool))
+        U = _unit(G)
         sim += U @ U.T / P
     group = np.full(len(cand), -1)
     next_id = 0
@@ -214,4 +218,5 @@ def _result(run, ds, ids, tgt, steps, cand, hits, inc, dec, group, K, gcls, mean
     out.attrs = {"params": params, "method": "Rosenfeld & Risteski (2023) loss-change groups",
                  "oscillation": "sqrt(max(0, -dA*dB)) of the groups' mean loss changes per interval",
                  "train_loss_spike": "max robust z of the batch-loss increase within the interval"}
+    dropped.finish(out.attrs)
     return out
