@@ -168,9 +168,11 @@ def opposing_groups(run: Run, top_fraction: float = 0.05, min_hits: int = 1,
             osc = np.sqrt(np.maximum(0.0, -dmean[a] * dmean[b]))
             rows.append((a, b, rho, gcos, osc, _pearson(osc, spikes), float(cos_t.mean())))
     rows.sort(key=lambda r: -r[4].sum())
-    return _result(run, ds, ids, tgt, steps, cand, hits, inc, dec, group, K, gcls, mean_loss,
-                   dmean, rows, spikes, top_steps, locals_params(top_fraction, min_hits, similarity,
-                   min_group_size, max_loss_correlation, max_gradient_cosine, cross_class, max_candidates))
+    out = _result(run, ds, ids, tgt, steps, cand, hits, inc, dec, group, K, gcls, mean_loss,
+                  dmean, rows, spikes, top_steps, locals_params(top_fraction, min_hits, similarity,
+                  min_group_size, max_loss_correlation, max_gradient_cosine, cross_class, max_candidates))
+    dropped.finish(out.attrs)
+    return out
 
 
 def locals_params(*vals) -> dict:
@@ -218,5 +220,4 @@ def _result(run, ds, ids, tgt, steps, cand, hits, inc, dec, group, K, gcls, mean
     out.attrs = {"params": params, "method": "Rosenfeld & Risteski (2023) loss-change groups",
                  "oscillation": "sqrt(max(0, -dA*dB)) of the groups' mean loss changes per interval",
                  "train_loss_spike": "max robust z of the batch-loss increase within the interval"}
-    dropped.finish(out.attrs)
     return out
