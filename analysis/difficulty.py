@@ -10,13 +10,18 @@ Every score is a per-example statistic of the presentations in `source`:
 References: Swayamdipta et al. 2020 (cartography), Pleiss et al. 2020 (AUM), Paul et al.
 2021 (EL2N, GraNd; GraNd here is the recorded per-example gradient norm of this one run,
 not an expectation over initialisations).
+
+On sequence runs the scores are per-sequence token statistics (analysis.sequence_runs):
+confidence is the mean target-token probability, AUM the mean token margin, EL2N the mean
+token EL2N, and "correct" is token accuracy >= `correct_threshold`.
 """
 from __future__ import annotations
 
 import numpy as np
 import xarray as xr
 
-from .registry import register_analysis
+from . import sequence_runs
+from .registry import CLASSES, register_analysis
 from .run import Run
 from .sequences import Sequences, gather, per_example, time_table
 
@@ -32,11 +37,11 @@ def _mean_std(seq: Sequences, values: np.ndarray) -> tuple[np.ndarray, np.ndarra
     return mean, np.sqrt(var)
 
 
-@register_analysis("cartography", needs=("train/logits",))
-def cartography(run: Run, source: str = "train") -> xr.Dataset:
+@register_analysis("cartography", needs=("train/logits|train/token_accuracy",), tasks=CLASSES)
+def cartography(run: Run, source: str = "train", correct_threshold: float | None = None) -> xr.Dataset:
     """Dataset Cartography: confidence (mean gold-label probability over presentations),
     variability (its population std) and correctness (fraction correct)."""
-    seq = gather(run, source, scores=("p_gold", "correct"))
+    seq = gather(run, source, scores=("p_gold", "correct"), correct_threshold=correct_threshold)
     conf, var = _mean_std(seq, seq.scores["p_gold"])
     corr, _ = _mean_std(seq, seq.scores["correct"])
     ds = per_example(seq, {"confidence": conf, "variability": var, "correctness": corr,
@@ -44,10 +49,11 @@ def cartography(run: Run, source: str = "train") -> xr.Dataset:
     ds["confidence"].attrs["long_name"] = "mean gold-label probability over presentations"
     ds["variability"].attrs["long_name"] = "std (ddof=0) of the gold-label probability"
     ds["correctness"].attrs["long_name"] = "fraction of presentations classified correctly"
+    ds.attrs.update(sequence_runs.describe(sequence_runs.threshold(run, correct_threshold)))
     return ds
 
 
-@register_analysis("aum", needs=("train/logits",))
+@register_analysis("aum", needs=("train/logits|train/token_accuracy",), tasks=CLASSES)
 def aum(run: Run, source: str = "train") -> xr.Dataset:
     """Area Under the Margin: gold logit minus the largest other logit, averaged over
     presentations (low or negative: likely mislabelled)."""
@@ -106,7 +112,7 @@ def _score_at(run: Run, name: str, var: str, step, source: str, probe) -> xr.Dat
     return per_example(seq, {var: score, "score_step": at}, attrs)
 
 
-@register_analysis("el2n", needs=("train/logits",))
+@register_analysis("el2n", needs=("train/logits|train/token_accuracy",), tasks=CLASSES)
 def el2n(run: Run, step: int | None = None, source: str = "train", probe: int | None = None) -> xr.Dataset:
     """EL2N: ||softmax(logits) - onehot(target)||_2 at a training step (train source: each
     example's latest presentation at or before `step`; probe source: the last probe pass at or
@@ -124,11 +130,12 @@ def grand(run: Run, step: int | None = None, source: str = "train", probe: int |
     return ds
 
 
-@register_analysis("difficulty", needs=("train/logits",))
-def difficulty(run: Run, source: str = "train") -> xr.Dataset:
+@register_analysis("difficulty", needs=("train/logits|train/token_accuracy",), tasks=CLASSES)
+def difficulty(run: Run, source: str = "train", correct_threshold: float | None = None) -> xr.Dataset:
     """Difficulty over time: per (epoch or probe, example) mean loss and 1 - p(gold), plus the
-    per-class and overall means (the average over examples of the per-example values)."""
-    seq = gather(run, source, scores=("loss", "p_gold", "correct"))
+    per-class and overall means (the average over examples of the per-example values;
+    sequence runs have no classes, only the overall means)."""
+    seq = gather(run, source, scores=("loss", "p_gold", "correct"), correct_threshold=correct_threshold)
     by = "epoch" if source == "train" else "probe"
     bins, loss = time_table(seq, seq.scores["loss"], by)
     _, pg = time_table(seq, seq.scores["p_gold"], by)
@@ -141,6 +148,13 @@ def difficulty(run: Run, source: str = "train") -> xr.Dataset:
     if by == "probe":
         ds = ds.assign_coords(step=("probe", run.probe["step"].values[bins]),
                               epoch=("probe", run.probe["epoch"].values[bins]))
+    theta = sequence_runs.threshold(run, correct_threshold)
+    ds.attrs.update(source=source, **sequence_runs.describe(theta))
+    if theta is not None:   # the "classes" of a sequence run are its vocabulary: no class tables
+        for var in ("loss", "difficulty", "accuracy"):
+            ds[f"mean_{var}"] = (by, np.nanmean(ds[var].values, axis=1).astype(np.float32))
+        ds["difficulty"].attrs["long_name"] = "1 - mean target-token probability"
+        return ds
     classes = np.arange(run.num_classes or int(seq.target.max()) + 1)
     onehot = (seq.target[:, None] == classes[None, :]).astype(np.float64)  # (E, K)
     for var in ("loss", "difficulty", "accuracy"):

@@ -61,8 +61,9 @@ def run_analyses(path, only=(), save=False, params=(), echo=print) -> dict:
     echo("analyses:")
     for name in names:
         entry = ANALYSES[name]
-        if not entry.available(run):
-            echo(f"  {name:<20} skipped: run lacks {', '.join(entry.needs)}")
+        reason = entry.skip_reason(run)
+        if reason:
+            echo(f"  {name:<20} skipped: {reason}")
             continue
         result = entry.func(run, **per.get(name, {}))
         results[name] = result
