@@ -115,7 +115,7 @@ def class_curves(run: Run) -> xr.Dataset:
                              class_name=("class_id", [names[c] if c < len(names) else str(c) for c in classes]))
 
 
-@register_analysis("loss_trajectories", needs=("train",))
+@register_analysis("loss_trajectories", needs=("probe/loss",))  # the default source
 def loss_trajectories(run: Run, source: str = "probe") -> xr.Dataset:
     """Per-example loss over training: probe passes (source='probe') or per-epoch mean
     of the training presentations (source='train')."""

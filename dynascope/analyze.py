@@ -31,8 +31,10 @@ def summary_lines(run) -> list[str]:
     from analysis import epoch_curves
 
     ds = run.dataset
+    n = ds.get("num_classes")
+    kind = {"sequence": f"sequences, vocabulary {n}", "regression": "regression"}.get(run.task, f"{n} classes")
     lines = [f"run: {run.path}", f"  {run.describe_progress()}",
-             f"  dataset {ds.get('name')} ({ds.get('num_examples')} examples, {ds.get('num_classes')} classes); "
+             f"  dataset {ds.get('name')} ({ds.get('num_examples')} examples, {kind}); "
              f"model {run.attrs.get('model', {}).get('name')}"]
     if run.has("train") and run.train.sizes.get("step", 0):
         c = epoch_curves(run)
