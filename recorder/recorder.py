@@ -55,6 +55,9 @@ class Recorder:
         self.task = task or ("sequence" if sequence is not None else None)
         self.path = Path(path)
         self.model = model
+        # accelerate (HF Trainer) wraps the optimizer; hooks go on the torch optimizer inside
+        while isinstance(getattr(optimizer, "optimizer", None), torch.optim.Optimizer):
+            optimizer = optimizer.optimizer
         self.optimizer = optimizer
         self.num_classes = None if num_classes is None else int(num_classes)
         self.num_examples = None if num_examples is None else int(num_examples)
@@ -106,11 +109,7 @@ class Recorder:
                 self._writer.declare(spec)
         self._writer.update_attrs({"extensions": {e.name: e.metadata() for e in self.extensions}})
         if self.optimizer is not None:
-            # accelerate (HF Trainer, Lightning) wraps the optimizer; the hook goes on the real one
-            base = self.optimizer
-            while not isinstance(base, torch.optim.Optimizer) and hasattr(base, "optimizer"):
-                base = base.optimizer
-            self._handles.append(base.register_step_post_hook(self._count_optimizer_step))
+            self._handles.append(self.optimizer.register_step_post_hook(self._count_optimizer_step))
         self._t0 = time.perf_counter()
         return self
 
