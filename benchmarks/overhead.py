@@ -1,6 +1,7 @@
 """Recorder overhead on the training hot path, all ratios measured in one run.
 
     python benchmarks/overhead.py            # seed CNN, batch 128, 2 torch threads, CPU
+    python benchmarks/overhead.py --lm       # GPT-style LM, batch 16 x 64 tokens
 
 Step time with the recorder / plain training for (a) losses + logits, (b) + exact
 per-example gradient norms, (c) + 1024-dim factored projections, (b) and (c) again with the
@@ -29,6 +30,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 from recorder import Recorder  # noqa: E402
 from recorder.models import build_model  # noqa: E402
 
@@ -182,7 +184,14 @@ def main(argv=None):
     ap.add_argument("--dense-dim", type=int, default=512, help="vmap baseline's dense projection")
     ap.add_argument("--no-baselines", action="store_true")
     ap.add_argument("--writer-rows", type=int, default=512, help="rows for the writer throughput")
+    ap.add_argument("--lm", action="store_true", help="the GPT-style LM instead (benchmarks/lm_overhead.py)")
     args = ap.parse_args(argv)
+    if args.lm:
+        from lm_overhead import report, run
+        torch.set_num_threads(args.threads)
+        print(report(run(batch=16, rounds=args.rounds, steps=args.steps, proj_dim=args.proj_dim)))
+        print(f"# torch threads {args.threads}; load average {os.getloadavg()[0]:.2f} at the end")
+        return
     warnings.filterwarnings("ignore", message=".*does not have a Zarr V3 specification.*")
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)

@@ -72,7 +72,9 @@ def test_lightning_callback_records_exact_numbers(tmp_path, accumulate):
                                  probe_loader=probe_loader, eval_loader=eval_loader)
     trainer = pl.Trainer(max_epochs=2, accelerator="cpu", enable_progress_bar=False, logger=False,
                          enable_checkpointing=False, enable_model_summary=False,
-                         accumulate_grad_batches=accumulate, callbacks=[snaps, callback])
+                         accumulate_grad_batches=accumulate,
+                         callbacks=[callback])
+    trainer.callbacks.append(snaps)
     trainer.fit(model, DataLoader(train_set, batch_size=8, shuffle=True))
 
     run = analysis.open_run(tmp_path / "run.zarr")
