@@ -112,3 +112,32 @@ def test_trainer_says_how_to_add_the_index(tmp_path):
     with pytest.raises(ValueError, match=r"IndexedDataset\(dataset, key='example_id'\)"):
         trainer.train()
     assert analysis.open_run(tmp_path / "r.zarr").status == "failed"
+
+
+def test_trainer_optimises_exactly_hfs_loss_under_gradient_accumulation(tmp_path):
+    """Same data order and seed: DynascopeTrainer ends at the parameters a plain Trainer reaches."""
+    config = transformers.GPT2Config(vocab_size=V, n_positions=T, n_embd=16, n_layer=1, n_head=2,
+                                     bos_token_id=0, eos_token_id=0, resid_pdrop=0.0, embd_pdrop=0.0,
+                                     attn_pdrop=0.0)
+    finals = []
+    for recorded in (False, True):
+        torch.manual_seed(0)
+        model = transformers.GPT2LMHeadModel(config)
+        args = transformers.TrainingArguments(output_dir=str(tmp_path / f"out{recorded}"), per_device_train_batch_size=4,
+                                              gradient_accumulation_steps=2, num_train_epochs=1, learning_rate=1e-2,
+                                              report_to=[], use_cpu=True, save_strategy="no", logging_strategy="no",
+                                              disable_tqdm=True, seed=0, optim="sgd")
+        # SGD: Adam would turn float-rounding noise in zero gradients (GPT-2's key bias) into full steps
+        if recorded:
+            trainer = DynascopeTrainer(model=model, args=args, train_dataset=IndexedDataset(Tokens()),
+                                       data_collator=transformers.default_data_collator,
+                                       record_to=tmp_path / "ga.zarr")
+        else:
+            trainer = transformers.Trainer(model=model, args=args, train_dataset=Tokens(),
+                                           data_collator=transformers.default_data_collator)
+        trainer.train()
+        finals.append({k: v.detach().clone() for k, v in model.named_parameters()})
+    for k in finals[0]:
+        torch.testing.assert_close(finals[1][k], finals[0][k], rtol=1e-5, atol=1e-6, msg=k)
+    train = analysis.open_run(tmp_path / "ga.zarr").train
+    np.testing.assert_array_equal(train.optimizer_step, np.arange(6) // 2)   # 6 micro-batches, 3 steps
