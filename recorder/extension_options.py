@@ -16,6 +16,7 @@ KEYWORDS = {
     "grad_layers": ("gradients", "recorder.gradients", "layers"),
     "grad_fused": ("gradients", "recorder.gradients", "fused"),
     "param_stats": ("params", "recorder.params", None),
+    "param_stats_every": ("params", "recorder.params", "every"),
     "snapshot_params": ("params", "recorder.params", "snapshot_params"),
     "snapshot_every": ("params", "recorder.params", "snapshot_every"),
     "activations": ("activations", "recorder.activations", "layers"),

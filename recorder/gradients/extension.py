@@ -2,17 +2,13 @@
 computed from hooks on the training (and probe) backward pass, with no second pass and no
 (B, P) per-example gradient tensor.
 
-Forward hooks keep each covered module's input; a tensor hook on the module's output keeps
-the output gradient (one entry per call, so modules used several times in a forward are
-summed over calls, cross terms included). A hook on the per-example losses learns the
-weight w_i = dL/dloss_i that the backward gave each example (1/B for `mean`, 1 for `sum`,
-GradScaler's scale, ...), which is divided out: the stored signals are those of each
-example's own loss. Examples with w_i == 0 get NaN (their gradient was never computed).
+Hooks (hooks.py) capture each covered layer's calls; a hook on the per-example losses
+learns the weight w_i = dL/dloss_i that the backward gave each example (1/B for `mean`, 1
+for `sum`, GradScaler's scale, ...), which is divided out: the stored signals are those of
+each example's own loss. Examples with w_i == 0 get NaN (their gradient was never computed).
 """
 from __future__ import annotations
 
-import fnmatch
-import functools
 import warnings
 from dataclasses import dataclass, field
 
@@ -20,10 +16,10 @@ import torch
 import torch.nn as nn
 
 from ..extensions import ArraySpec, BatchContext, Extension, register_extension
+from . import checks
 from .factors import full_float32
-from .fused import fusable, fused_forward
+from .hooks import Hooks
 from .projection import allocate_dims, gaussian_matrix, split_dims
-from .rules import find_rule
 
 DEFAULT_PROJECTION_DIM = 1024
 PASS_GROUPS = {"train": ("step", "slot"), "probe": ("probe", "example")}
@@ -40,6 +36,16 @@ class _Layer:
     offset: int = 0
     calls: list = field(default_factory=list)  # [input, grad or None, extra]
     mats: dict = field(default_factory=dict)   # device -> matrices
+    path: str = ""                  # module path: parameter names are path.param
+    broken: str | None = None       # why its values are NaN from now on (hooks.py, checks.py)
+
+    @property
+    def tensors(self) -> list:
+        return [getattr(self.module, p) for p in self.params]
+
+    @property
+    def param_names(self) -> list[str]:
+        return [f"{self.path or self.name}.{p}" for p in self.params]
 
     @property
     def proj_size(self) -> int:
@@ -50,7 +56,7 @@ class _Layer:
 
 
 @register_extension("gradients")
-class GradientExtension(Extension):
+class GradientExtension(Hooks, Extension):
     """Per-example gradient norms (total and per layer) and projections.
 
     norms: record exact norms. projection_dim: total sketch size split equally over the
@@ -62,12 +68,17 @@ class GradientExtension(Extension):
     fused: with norms on, covered convolutions run through `fused.FusedConv`, whose backward
     forms the per-example weight gradients once and returns their sum as the weight
     gradient, instead of repeating autograd's weight-gradient work (exact; see fused.py).
+    batch_axis: {module path pattern: 0 or 1}, which input dimension holds the examples for
+    modules whose inputs are (B, T, ...) or (T, B, ...) (learned from batches where B != T
+    otherwise). check_every: besides the first batch of each kind, re-check every N train
+    steps that the hooks saw every use of each covered parameter (0: first batch only).
     """
 
     needs_backward = True
 
     def __init__(self, norms: bool = True, projection_dim: int | dict | bool | None = None,
-                 seed: int = 0, layers: list[str] | None = None, fused: bool = True):
+                 seed: int = 0, layers: list[str] | None = None, fused: bool = True,
+                 batch_axis: dict | None = None, check_every: int = 0):
         self.norms = bool(norms)
         self.fused = bool(fused)
         if projection_dim is True:
@@ -88,48 +99,21 @@ class GradientExtension(Extension):
         self._loss_grad: torch.Tensor | None = None
         self._warned: set[str] = set()
         self._bsz = 0
+        self.batch_axis = dict(batch_axis or {})
+        self.check_every = int(check_every)
+        self._batch_axes: dict = {}
+        self._bn: list = []
+        self._checking = False
+        self._checked: set = set()
+        self._suppress = False
+        self._reference: dict | None = None
 
     # -- setup ---------------------------------------------------------------------
     def attach(self, recorder) -> None:
-        self.attach_model(recorder.model)
+        self.attach_model(recorder.model)  # hooks.py
 
-    def attach_model(self, model: nn.Module) -> "GradientExtension":
-        """Hook a model directly (used by attach, tests and benchmarks)."""
-        self.detach()
-        self.layers, self.excluded = [], {}
-        covered: set[int] = set()
-        skip_children = set()
-        for name, module in model.named_modules():
-            if isinstance(module, nn.modules.batchnorm._BatchNorm):
-                self.batchnorm_modules.append(name)
-            if isinstance(module, nn.MultiheadAttention):  # calls its Linear functionally
-                skip_children.add(name + ".")
-            rule = find_rule(module)
-            if rule is None or any(name.startswith(s) for s in skip_children):
-                continue
-            if self.layer_patterns and not any(fnmatch.fnmatch(name, p) for p in self.layer_patterns):
-                continue
-            params = rule.params(module)
-            if not params:
-                continue
-            reason = rule.unsupported(module)
-            if reason:
-                for p in params:
-                    self.excluded[f"{name}.{p}"] = reason
-                continue
-            self.layers.append(_Layer(name, module, rule, params, rule.shape(module, params)))
-            covered.update(id(getattr(module, p)) for p in params)
-        seen = set()
-        self.total_trainable = 0
-        for pname, p in model.named_parameters():
-            if id(p) in seen or not p.requires_grad:
-                continue
-            seen.add(id(p))
-            self.total_trainable += p.numel()
-            if id(p) not in covered and pname not in self.excluded:
-                self.excluded[pname] = ("not selected by `layers`" if self.layer_patterns
-                                        else "no per-example rule for this parameter's module")
-        self._covered_numel = sum(getattr(l.module, p).numel() for l in self.layers for p in l.params)
+    def _allocate(self) -> None:
+        """Projection dims and offsets per layer (called by attach_model)."""
         dims = allocate_dims([l.name for l in self.layers], self.projection_dim)
         offset = 0
         for layer in self.layers:
@@ -140,27 +124,6 @@ class GradientExtension(Extension):
             layer.offset = offset
             offset += layer.proj_size
         self.proj_total = offset
-        for layer in self.layers:
-            self._handles.append(layer.module.register_forward_hook(
-                functools.partial(self._forward_hook, layer)))
-            if self.fused and self.norms and fusable(layer.module, layer):
-                self._install_fused(layer)
-        return self
-
-    def _install_fused(self, layer: _Layer) -> None:
-        """Override the module's forward on the instance (restored by detach)."""
-        m = layer.module
-        m.forward = functools.partial(fused_forward, self, layer, m.forward)
-        self._forwards.append((m, m.forward))
-
-    def detach(self) -> None:
-        for h in self._handles:
-            h.remove()
-        self._handles = []
-        for m, installed in self._forwards:
-            if m.__dict__.get("forward") is installed:
-                del m.forward
-        self._forwards = []
 
     def specs(self) -> list[ArraySpec]:
         names = [l.name for l in self.layers]
@@ -180,11 +143,11 @@ class GradientExtension(Extension):
             "norms": self.norms,
             "layer_names": [l.name for l in self.layers],
             "layers": [{"name": l.name, "type": type(l.module).__name__, "form": l.rule.form,
-                        "params": [f"{l.name}.{p}" for p in l.params],
-                        "numel": sum(getattr(l.module, p).numel() for p in l.params),
+                        "params": l.param_names,
+                        "numel": sum(t.numel() for t in l.tensors),
                         "matrix_shape": list(l.shape), "proj_dims": list(l.proj),
                         "proj_offset": l.offset, "proj_size": l.proj_size} for l in self.layers],
-            "covered_parameters": [f"{l.name}.{p}" for l in self.layers for p in l.params],
+            "covered_parameters": [n for l in self.layers for n in l.param_names],
             "excluded_parameters": dict(self.excluded),
             "covered_fraction": self._covered_numel / max(1, self.total_trainable),
             "projection": {"kind": "factored_gaussian", "dim": self.proj_total, "seed": self.seed,
@@ -198,40 +161,7 @@ class GradientExtension(Extension):
             "loss_weighting": "dL/dloss_i from a hook on the per-example losses is divided out",
         }
 
-    # -- hooks ---------------------------------------------------------------------
-    def _forward_hook(self, layer: _Layer, module, inputs, output) -> None:
-        if not self._active or not isinstance(output, torch.Tensor) or not output.requires_grad:
-            return
-        x = inputs[0]
-        call = [x.detach(), None, layer.rule.capture(module, x)]
-        if x.shape[0] != self._bsz:
-            call[2] = {**call[2], "bad_batch": True}
-        layer.calls.append(call)
-        output.register_hook(functools.partial(self._grad_hook, call))
-
-    @staticmethod
-    def _grad_hook(call, grad) -> None:
-        if call[2].get("fused") is not None:  # a later backward: the fused values are stale
-            call[2]["fused"] = None
-        g = grad.detach()
-        call[1] = g if call[1] is None else call[1] + g
-
-    def _loss_hook(self, grad) -> None:
-        g = grad.detach()
-        self._loss_grad = g if self._loss_grad is None else self._loss_grad + g
-
     # -- batches -------------------------------------------------------------------
-    def begin_batch(self, batch: BatchContext) -> None:
-        self._reset()
-        if batch.kind in PASS_GROUPS:
-            self._active = True
-            self._bsz = batch.batch_size
-
-    def on_losses(self, batch: BatchContext) -> None:
-        losses = batch.losses
-        if self._active and losses is not None and losses.requires_grad:
-            losses.register_hook(self._loss_hook)
-
     def end_batch(self, batch: BatchContext) -> dict:
         out = self.columns(batch)
         if "grad_proj" in out:
@@ -243,6 +173,8 @@ class GradientExtension(Extension):
         if not self._active:
             return {}
         try:
+            if self._checking:
+                checks.verify(self)
             norms, proj = self.compute(batch.batch_size)
         finally:
             self._reset()
@@ -256,6 +188,8 @@ class GradientExtension(Extension):
 
     def _reset(self) -> None:
         self._active = False
+        self._checking = False
+        self._reference = None
         self._loss_grad = None
         self._generation += 1
         for layer in self.layers:
@@ -280,11 +214,12 @@ class GradientExtension(Extension):
                 torch.no_grad(), full_float32():
             for j, layer in enumerate(self.layers):
                 calls = [c for c in layer.calls if c[1] is not None]
-                if not calls:
+                reason = self._invalid(layer, calls)
+                if not calls and not reason:
                     continue  # not used on the loss's graph: its gradient is zero
-                if any(c[2].get("bad_batch") for c in calls):
-                    self._warn(layer.name, f"{layer.name}: input's first dimension is not the batch; "
-                               "its per-example gradients are recorded as NaN")
+                if reason:
+                    self._warn(layer.name, f"{layer.name}: {reason}; its per-example gradients are "
+                               "recorded as NaN")
                     sq[:, j] = float("nan")
                     if proj is not None:
                         proj[:, layer.offset:layer.offset + layer.proj_size] = float("nan")
