@@ -51,6 +51,19 @@ def _reference(model, items):
     return loss.numpy(), acc.numpy(), float(out.loss)
 
 
+def _loop_norms(model, items):
+    """‖∇ loss_i‖ one example at a time (loss_i: the sequence's mean next-token cross-entropy)."""
+    model = copy.deepcopy(model).train()
+    out = []
+    for it in items:
+        model.zero_grad()
+        logits = model(input_ids=it["input_ids"][None], attention_mask=it["attention_mask"][None]).logits
+        y = it["labels"][None, 1:]
+        F.cross_entropy(logits[:, :-1].transpose(1, 2), y, ignore_index=-100).backward()
+        out.append(torch.sqrt(sum(p.grad.pow(2).sum() for p in model.parameters() if p.grad is not None)))
+    return torch.stack(out).numpy()
+
+
 class Snapshots(transformers.TrainerCallback):
     def __init__(self):
         self.models = []
@@ -95,6 +108,11 @@ def test_trainer_records_gpt2_sequences(tmp_path):
         # HF's loss is token-weighted over the batch; the trainer optimises exactly that
         n = train.num_tokens[s].values
         assert float((loss * n).sum() / n.sum()) == pytest.approx(hf_loss, rel=1e-5)
+    # exact per-example gradient norms: HF's token weights n_i / N are measured and divided out
+    for s in (0, 5):
+        ids = train.example_id[s].values
+        np.testing.assert_allclose(train.grad_norm[s], _loop_norms(snaps.models[s], [train_set[i] for i in ids]),
+                                   rtol=1e-4)
     assert run.probe.sizes["probe"] == 3
     loss, acc, _ = _reference(trainer.model, [train_set[i] for i in range(8)])
     np.testing.assert_allclose(run.probe.loss[-1], loss, rtol=1e-5)
