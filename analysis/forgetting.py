@@ -13,7 +13,7 @@ from __future__ import annotations
 import numpy as np
 import xarray as xr
 
-from . import sequence_runs
+from . import blockwise, sequence_runs
 from .registry import CLASSES, register_analysis
 from .run import Run
 from .sequences import Sequences, gather, per_example
@@ -86,12 +86,15 @@ def forgetting(run: Run, source: str = "train", never_learned: str = "presentati
                correct_threshold: float | None = None) -> xr.Dataset:
     """Per-example forgetting and learning events, first-learned step, unforgettable and
     never-learned flags (Toneva et al. 2019)."""
-    seq, correct = _correct_sequences(run, source, correct_threshold)
-    stats = forgetting_counts(seq.index, correct, seq.step, seq.num_examples, never_learned)
-    # first_learned_step is a train step (for probes: train rows before the pass)
-    stats["first_learned_step"] = _first_min(seq.index, seq.step, correct, seq.num_examples)
-    stats["first_learned_epoch"] = _first_min(seq.index, seq.epoch, correct, seq.num_examples)
     theta = sequence_runs.threshold(run, correct_threshold)
+    if source == "train":   # streamed over step blocks: memory set by the number of examples
+        seq, stats = blockwise.forgetting_train(run, never_learned, theta)
+    else:
+        seq, correct = _correct_sequences(run, source, correct_threshold)
+        stats = forgetting_counts(seq.index, correct, seq.step, seq.num_examples, never_learned)
+        # first_learned_step is a train step (for probes: train rows before the pass)
+        stats["first_learned_step"] = _first_min(seq.index, seq.step, correct, seq.num_examples)
+        stats["first_learned_epoch"] = _first_min(seq.index, seq.epoch, correct, seq.num_examples)
     ds = per_example(seq, stats, {"never_learned": never_learned, **sequence_runs.describe(theta)})
     ds["forgetting_events"].attrs["long_name"] = (
         "forgetting events (correct -> incorrect between consecutive presentations); never-learned "

@@ -121,14 +121,24 @@ def info(run_path, as_json):
 @click.option("--opposing", is_flag=True,
               help="Opposing-signal analyses only (docs/OPPOSING.md); tune with --param, "
                    "e.g. opposing_pairs.cos_threshold=-0.6 or opposing_groups.similarity=0.7.")
+@click.option("--scheduler", default=None, metavar="ADDRESS",
+              help="Compute on this running dask.distributed scheduler (e.g. tcp://10.0.0.5:8786); "
+                   "default: threads in this process. No cluster is started (docs/SCALE.md).")
+@click.option("--storage-options", default=None, metavar="JSON",
+              help='fsspec options for a URL run path, e.g. \'{"anon": true}\' (docs/SCALE.md).')
 @user_errors
-def analyze(run_path, only, save, params, opposing):
+def analyze(run_path, only, save, params, opposing, scheduler, storage_options):
     """Print a summary of a run and (optionally) save analysis results."""
     from .analyze import run_analyses
 
     if opposing:
         only = tuple(only) + ("opposing_pairs", "majority_opposition", "opposing_groups")
-    run_analyses(run_path, only=only, save=save, params=params, echo=click.echo)
+    try:
+        options = json.loads(storage_options) if storage_options else None
+    except json.JSONDecodeError as e:
+        raise click.BadParameter(f"not valid JSON ({e})", param_hint="--storage-options") from None
+    run_analyses(run_path, only=only, save=save, params=params, echo=click.echo, scheduler=scheduler,
+                 storage_options=options)
 
 
 # -- figures / report ------------------------------------------------------------------
