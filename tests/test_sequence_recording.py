@@ -167,3 +167,63 @@ def test_sequence_shape_errors_are_one_sentence(tmp_path):
             rec.step(example_ids=[0, 1], targets=torch.full((2, 7), 13))
         with pytest.raises(ValueError, match=r"sequence targets must have shape \(2, T\)"):
             rec.step(example_ids=[0, 1], targets=torch.zeros(2, dtype=torch.long))
+
+
+def _lm_steps(rec, model, opt, x, y, steps):
+    for _ in range(steps):
+        with rec.step(example_ids=torch.arange(len(x)), targets=y) as step:
+            z = model(x)
+            losses = F.cross_entropy(z.transpose(1, 2), y, reduction="none").sum(1) / (y != IGNORE).sum(1)
+            step.record(losses=losses, logits=z)
+            losses.mean().backward()
+        opt.step()
+        opt.zero_grad()
+
+
+class MetaLM(nn.Module):
+    """Embedding + Linear head: what the meta device can run (no attention kernels there)."""
+
+    def __init__(self):
+        super().__init__()
+        self.tok, self.head = nn.Embedding(13, 8), nn.Linear(8, 13)
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.tok(x)))
+
+
+def test_sequence_step_reads_no_values_on_the_meta_device(tmp_path):
+    """Token statistics are reduced without reading a value back to the host (CPU proxy for
+    a CUDA sync; see tests/test_sync_free.py)."""
+    model = MetaLM().to("meta")
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    x = torch.zeros(4, 7, dtype=torch.long, device="meta")
+    y = torch.zeros(4, 7, dtype=torch.long, device="meta")
+
+    class Done(Exception):
+        pass
+
+    with pytest.raises(Done):   # meta rows cannot be written: end as a failed run, on purpose
+        with Recorder(tmp_path / "m.zarr", model, num_classes=13, num_examples=4, optimizer=opt, chunk_steps=64,
+                      param_stats=False, sequence=dict(token_losses=True, top_k=2)) as rec:
+            _lm_steps(rec, model, opt, x, y, 3)
+            assert rec.steps == 3
+            raise Done
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_sequence_step_never_synchronises_on_cuda(tmp_path):
+    torch.manual_seed(0)
+    model = TinyLM().cuda()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    x, y = (t.cuda() for t in _lm_data())
+    with Recorder(tmp_path / "c.zarr", model, num_classes=13, num_examples=12, optimizer=opt, chunk_steps=64,
+                  sequence=dict(token_losses=True, top_k=3), grad_norms=True, grad_projection=64) as rec:
+        _lm_steps(rec, model, opt, x, y, 2)
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            _lm_steps(rec, model, opt, x, y, 3)
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+    run = analysis.open_run(tmp_path / "c.zarr")
+    assert run.train.sizes["step"] == 5 and np.isfinite(run.train.token_accuracy.values).all()
