@@ -49,6 +49,14 @@ class Run:
         return dict(self.attrs.get("dataset", {}))
 
     @property
+    def task(self) -> str:
+        """"classification", "regression" or "sequence" (token targets; docs/SEQUENCES.md)."""
+        task = self.dataset.get("task")
+        if task in ("classification", "regression", "sequence"):
+            return task
+        return "classification" if self.num_classes else "regression"
+
+    @property
     def num_classes(self) -> int | None:
         return self.dataset.get("num_classes")
 

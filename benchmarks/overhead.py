@@ -4,6 +4,7 @@
     python benchmarks/overhead.py --threads 1        # training-thread CPU time = all torch compute
     python benchmarks/overhead.py --device cuda      # the same on a GPU (wall time, synchronised)
     python benchmarks/overhead.py --models cnn --no-peers
+    python benchmarks/overhead.py --lm --threads 1   # GPT-style LM (benchmarks/lm_overhead.py)
 
 Per model, step time with the recorder / a plain step for: the default (losses, logits,
 per-parameter statistics at their default cadence), its parts, exact per-example norms, and
@@ -316,7 +317,15 @@ def main(argv=None):
     ap.add_argument("--batch", default="", help="per-model batch override, e.g. cnn=64,resnet18=16")
     ap.add_argument("--no-peers", action="store_true", help="skip BackPACK / Opacus / vmap")
     ap.add_argument("--mlp-steps", type=int, default=500, help="0 skips the fixed-cost table")
+    ap.add_argument("--lm", action="store_true", help="the GPT-style LM instead (benchmarks/lm_overhead.py)")
     args = ap.parse_args(argv)
+    if args.lm:
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        from lm_overhead import report, run
+        torch.set_num_threads(args.threads)
+        print(report(run(batch=16, proj_dim=args.proj_dim)))
+        print(f"# torch threads {args.threads}; load average {os.getloadavg()[0]:.2f} at the end")
+        return
     args.batch = {k: int(v) for k, v in (kv.split("=") for kv in args.batch.split(",") if kv)}
     warnings.filterwarnings("ignore")
     torch.set_num_threads(args.threads)

@@ -24,6 +24,7 @@ KEYWORDS = {
     "activation_pool": ("activations", "recorder.activations", "pool"),
     "activation_max_units": ("activations", "recorder.activations", "max_units"),
     "activation_dtype": ("activations", "recorder.activations", "dtype"),
+    "activation_sequence_pool": ("activations", "recorder.activations", "sequence_pool"),
 }
 # an extension is built when its enabling keyword is truthy
 ENABLING = {"gradients": ("grad_norms", "grad_projection", "grad_gram"), "params": ("param_stats",),

@@ -68,7 +68,9 @@ def train_chunks(ds: xr.Dataset, steps=None, chunk: int | None = None):
             mag = np.asarray(sub["grad_norm"].values, dtype=np.float64)
         else:
             mag = np.linalg.norm(G, axis=-1).astype(np.float64)
-        yield idx, G, valid, ids, np.asarray(sub["target"].values), mag
+        # sequence runs store no per-example target: -1 ("no label"), like padding
+        tgt = np.asarray(sub["target"].values) if "target" in sub else np.full(ids.shape, -1)
+        yield idx, G, valid, ids, tgt, mag
 
 
 def use_gram(ds: xr.Dataset, cosine_source: str) -> bool:

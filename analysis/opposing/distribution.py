@@ -13,7 +13,7 @@ from .groups import robust_z
 from .topk import unit_rows
 
 
-@register_analysis("cosine_histogram", needs=("probe/grad_proj",))
+@register_analysis("cosine_histogram", needs=("probe/grad_proj",), tasks=("classification",))  # class-pair tables need class labels
 def cosine_histogram(run: Run, source: str = "probe", probes=-1, bins: int = 80,
                      block: int = 2048) -> xr.Dataset:
     """Histogram of all pairwise gradient cosines (each unordered pair once), split into
@@ -76,7 +76,9 @@ def loss_change_outliers(run: Run, source: str = "probe", z: float = 3.5) -> xr.
              "outlier_decrease": (("interval", "example"), zz < -z)},
             coords={"interval_start": ("interval", steps[:-1]), "interval_end": ("interval", steps[1:]),
                     "example_id": ("example", np.asarray(ds["example_id"].values)),
-                    "target": ("example", np.asarray(ds["target"].values))})
+                    # sequence runs store no target; (B, k) regression targets are not a label
+                    **({"target": ("example", np.asarray(ds["target"].values))}
+                       if "target" in ds and ds["target"].ndim == 1 else {})})
     elif source == "train":
         bl = np.asarray(run.train["batch_loss"].values, dtype=np.float64)
         delta = np.r_[np.nan, np.diff(bl)]

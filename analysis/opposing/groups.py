@@ -111,7 +111,7 @@ def _train_spikes(run: Run, steps: np.ndarray) -> np.ndarray:
     return out
 
 
-@register_analysis("opposing_groups", needs=("probe/grad_proj", "probe/loss"))
+@register_analysis("opposing_groups", needs=("probe/grad_proj", "probe/loss"), tasks=("classification",))  # class-pair tables need class labels
 def opposing_groups(run: Run, top_fraction: float = 0.05, min_hits: int = 1,
                     similarity: float = 0.6, min_group_size: int = 5,
                     max_loss_correlation: float = -0.2, max_gradient_cosine: float = -0.7,

@@ -75,7 +75,7 @@ def _concat(rows) -> dict:
     return {k: np.concatenate([r[k] for r in rows]) for k in keys}
 
 
-@register_analysis("opposing_pairs", needs=("probe/grad_proj",))
+@register_analysis("opposing_pairs", needs=("probe/grad_proj",), tasks=("classification",))  # class-pair tables need class labels
 def opposing_pairs(run: Run, cos_threshold: float | None = -0.5, magnitude_ratio: float | None = 2.0,
                    cross_class: bool = True, source: str = "probe", top_k: int = 5,
                    probes=None, steps=None, block: int = 4096, margin: float = 0.0,
