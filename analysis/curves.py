@@ -4,6 +4,10 @@ per-example loss trajectories and per-step loss changes.
 Train numbers come from the training forward passes (before each update), averaged over
 every presentation in the epoch — the curve a training loop would print. Eval numbers
 come from the held-out passes recorded with `rec.evaluate`.
+
+On sequence runs accuracy is token accuracy over all scored tokens (each sequence's
+token_accuracy weighted by its num_tokens), as a language-model loop reports it; the loss
+is the mean per-sequence loss. Regression runs have no accuracy.
 """
 from __future__ import annotations
 
@@ -19,10 +23,19 @@ def valid_mask(train: xr.Dataset) -> xr.DataArray:
     return train["example_id"] >= 0
 
 
-def _pass_by_epoch(ds: xr.Dataset, row: str) -> xr.Dataset:
+def _token_accuracy(ds: xr.Dataset, dim: str) -> tuple[xr.DataArray, xr.DataArray]:
+    """(correct tokens, scored tokens) summed over `dim`, from per-sequence statistics."""
+    n = ds["num_tokens"].where(ds["num_tokens"] > 0, 0)
+    return (ds["token_accuracy"].fillna(0) * n).sum(dim), n.sum(dim)
+
+
+def _pass_by_epoch(ds: xr.Dataset, row: str, task: str) -> xr.Dataset:
     """Mean loss/accuracy of each probe/eval pass, indexed by the epoch it followed."""
     out = xr.Dataset({"loss": ds["loss"].mean("example", skipna=False)})
-    if "logits" in ds:
+    if task == "sequence" and "token_accuracy" in ds:
+        hits, n = _token_accuracy(ds, "example")
+        out["accuracy"] = hits / n
+    elif task == "classification" and "logits" in ds:
         ok = correct(ds["logits"], ds["target"])
         out["accuracy"] = ok.mean("example").where(ok.notnull().all("example"))
     out = out.assign_coords(epoch=(row, ds["epoch"].values), step=(row, ds["step"].values))
@@ -42,7 +55,9 @@ def epoch_curves(run: Run) -> xr.Dataset:
         "nonfinite": (valid & ~np.isfinite(train["loss"])).sum("slot"),
         "lr": train["lr"],
     })
-    if "logits" in train:
+    if run.task == "sequence" and "token_accuracy" in train:
+        per_step["correct_sum"], per_step["token_count"] = _token_accuracy(train, "slot")
+    elif run.task == "classification" and "logits" in train:
         ok = correct(train["logits"], train["target"])
         per_step["correct_sum"] = ok.sum("slot")
         per_step["unknown"] = (valid & ok.isnull()).sum("slot")
@@ -55,11 +70,14 @@ def epoch_curves(run: Run) -> xr.Dataset:
                       "train_nonfinite_loss": sums["nonfinite"],
                       "lr": grouped.last()["lr"],
                       "steps": per_step["count"].groupby("epoch").count()})
-    if "correct_sum" in sums:
+    if "token_count" in sums:
+        out["train_accuracy"] = sums["correct_sum"] / sums["token_count"]
+        out["train_accuracy"].attrs["long_name"] = "token accuracy over the epoch's scored tokens"
+    elif "correct_sum" in sums:
         out["train_accuracy"] = (sums["correct_sum"] / sums["count"]).where(sums["unknown"] == 0)
     for group in ("probe", "eval"):
         if run.has(group) and run.group(group).sizes.get(group, 0):
-            passes = _pass_by_epoch(run.group(group), group).compute()
+            passes = _pass_by_epoch(run.group(group), group, run.task).compute()
             for var in passes.data_vars:
                 out[f"{group}_{var}"] = passes[var].reindex(epoch=out.epoch)
     out["train_loss"].attrs["long_name"] = "mean training loss over the epoch's presentations"
@@ -75,7 +93,7 @@ def _class_table(loss, target, ok, classes: np.ndarray, dims: tuple[str, ...]):
     return out
 
 
-@register_analysis("class_curves", needs=("train/logits",))
+@register_analysis("class_curves", needs=("train/logits",), tasks=("classification",))
 def class_curves(run: Run) -> xr.Dataset:
     """Per-epoch, per-class loss and accuracy for the training presentations and eval passes."""
     train = run.train
@@ -107,7 +125,7 @@ def class_curves(run: Run) -> xr.Dataset:
                              class_name=("class_id", [names[c] if c < len(names) else str(c) for c in classes]))
 
 
-@register_analysis("loss_trajectories", needs=("train",))
+@register_analysis("loss_trajectories", needs=("probe/loss",))  # the default source
 def loss_trajectories(run: Run, source: str = "probe") -> xr.Dataset:
     """Per-example loss over training: probe passes (source='probe') or per-epoch mean
     of the training presentations (source='train')."""
@@ -116,9 +134,11 @@ def loss_trajectories(run: Run, source: str = "probe") -> xr.Dataset:
             raise ValueError("this run has no probe passes; use source='train' or record rec.probe(...)")
         p = run.probe
         out = xr.Dataset({"loss": p["loss"].compute()})
-        return out.assign_coords(example_id=("example", p["example_id"].values),
-                                 target=("example", p["target"].values),
-                                 step=("probe", p["step"].values), epoch=("probe", p["epoch"].values))
+        out = out.assign_coords(example_id=("example", p["example_id"].values),
+                                step=("probe", p["step"].values), epoch=("probe", p["epoch"].values))
+        if "target" in p and p["target"].ndim == 1:   # sequence runs store none; (B, k) is no label
+            out = out.assign_coords(target=("example", p["target"].values))
+        return out
     if source != "train":
         raise ValueError(f"source must be 'probe' or 'train', got {source!r}")
     from .blockwise import epoch_tables

@@ -10,14 +10,18 @@ Every score is a per-example statistic of the presentations in `source`:
 References: Swayamdipta et al. 2020 (cartography), Pleiss et al. 2020 (AUM), Paul et al.
 2021 (EL2N, GraNd; GraNd here is the recorded per-example gradient norm of this one run,
 not an expectation over initialisations).
+
+On sequence runs the scores are per-sequence token statistics (analysis.sequence_runs):
+confidence is the mean target-token probability, AUM the mean token margin, EL2N the mean
+token EL2N, and "correct" is token accuracy >= `correct_threshold`.
 """
 from __future__ import annotations
 
 import numpy as np
 import xarray as xr
 
-from . import blockwise
-from .registry import register_analysis
+from . import blockwise, sequence_runs
+from .registry import CLASSES, register_analysis
 from .run import Run
 from .sequences import Sequences, gather, per_example, time_table
 
@@ -33,15 +37,16 @@ def _mean_std(seq: Sequences, values: np.ndarray) -> tuple[np.ndarray, np.ndarra
     return mean, np.sqrt(var)
 
 
-@register_analysis("cartography", needs=("train/logits",))
-def cartography(run: Run, source: str = "train") -> xr.Dataset:
+@register_analysis("cartography", needs=("train/logits|train/token_accuracy",), tasks=CLASSES)
+def cartography(run: Run, source: str = "train", correct_threshold: float | None = None) -> xr.Dataset:
     """Dataset Cartography: confidence (mean gold-label probability over presentations),
     variability (its population std) and correctness (fraction correct)."""
+    theta = sequence_runs.threshold(run, correct_threshold)
     if source == "train":   # streamed over step blocks: memory set by the number of examples
-        seq, m = blockwise.moments(run, ("p_gold", "correct"), std=("p_gold",))
+        seq, m = blockwise.moments(run, ("p_gold", "correct"), std=("p_gold",), theta=theta)
         conf, var, corr, counts = m["mean_p_gold"], m["std_p_gold"], m["mean_correct"], m["presentations"]
     else:
-        seq = gather(run, source, scores=("p_gold", "correct"))
+        seq = gather(run, source, scores=("p_gold", "correct"), correct_threshold=correct_threshold)
         conf, var = _mean_std(seq, seq.scores["p_gold"])
         corr, _ = _mean_std(seq, seq.scores["correct"])
         counts = seq.counts()
@@ -50,15 +55,16 @@ def cartography(run: Run, source: str = "train") -> xr.Dataset:
     ds["confidence"].attrs["long_name"] = "mean gold-label probability over presentations"
     ds["variability"].attrs["long_name"] = "std (ddof=0) of the gold-label probability"
     ds["correctness"].attrs["long_name"] = "fraction of presentations classified correctly"
+    ds.attrs.update(sequence_runs.describe(sequence_runs.threshold(run, correct_threshold)))
     return ds
 
 
-@register_analysis("aum", needs=("train/logits",))
+@register_analysis("aum", needs=("train/logits|train/token_accuracy",), tasks=CLASSES)
 def aum(run: Run, source: str = "train") -> xr.Dataset:
     """Area Under the Margin: gold logit minus the largest other logit, averaged over
     presentations (low or negative: likely mislabelled)."""
     if source == "train":   # streamed over step blocks
-        seq, m = blockwise.moments(run, ("margin",))
+        seq, m = blockwise.moments(run, ("margin",), theta=sequence_runs.threshold(run, None))
         mean, counts = m["mean_margin"], m["presentations"]
     else:
         seq = gather(run, source, scores=("margin",))
@@ -113,12 +119,12 @@ def _score_at(run: Run, name: str, var: str, step, source: str, probe) -> xr.Dat
     else:
         if source != "train":
             raise ValueError(f"source must be 'train' or 'probe', got {source!r}")
-        seq, score, at = blockwise.latest(run, name, step)   # streamed over step blocks
+        seq, score, at = blockwise.latest(run, name, step, sequence_runs.threshold(run, None))   # streamed
         attrs = {"step": -1 if step is None else int(step)}
     return per_example(seq, {var: score, "score_step": at}, attrs)
 
 
-@register_analysis("el2n", needs=("train/logits",))
+@register_analysis("el2n", needs=("train/logits|train/token_accuracy",), tasks=CLASSES)
 def el2n(run: Run, step: int | None = None, source: str = "train", probe: int | None = None) -> xr.Dataset:
     """EL2N: ||softmax(logits) - onehot(target)||_2 at a training step (train source: each
     example's latest presentation at or before `step`; probe source: the last probe pass at or
@@ -136,16 +142,18 @@ def grand(run: Run, step: int | None = None, source: str = "train", probe: int |
     return ds
 
 
-@register_analysis("difficulty", needs=("train/logits",))
-def difficulty(run: Run, source: str = "train") -> xr.Dataset:
+@register_analysis("difficulty", needs=("train/logits|train/token_accuracy",), tasks=CLASSES)
+def difficulty(run: Run, source: str = "train", correct_threshold: float | None = None) -> xr.Dataset:
     """Difficulty over time: per (epoch or probe, example) mean loss and 1 - p(gold), plus the
-    per-class and overall means (the average over examples of the per-example values)."""
+    per-class and overall means (the average over examples of the per-example values;
+    sequence runs have no classes, only the overall means)."""
+    theta = sequence_runs.threshold(run, correct_threshold)
     by = "epoch" if source == "train" else "probe"
     if source == "train":   # streamed over step blocks: memory set by examples x epochs (the result)
-        seq, bins, t = blockwise.epoch_tables(run, ("loss", "p_gold", "correct"))
+        seq, bins, t = blockwise.epoch_tables(run, ("loss", "p_gold", "correct"), theta)
         loss, pg, ok = t["loss"], t["p_gold"], t["correct"]
     else:
-        seq = gather(run, source, scores=("loss", "p_gold", "correct"))
+        seq = gather(run, source, scores=("loss", "p_gold", "correct"), correct_threshold=correct_threshold)
         bins, loss = time_table(seq, seq.scores["loss"], by)
         _, pg = time_table(seq, seq.scores["p_gold"], by)
         _, ok = time_table(seq, seq.scores["correct"], by)
@@ -157,6 +165,12 @@ def difficulty(run: Run, source: str = "train") -> xr.Dataset:
     if by == "probe":
         ds = ds.assign_coords(step=("probe", run.probe["step"].values[bins]),
                               epoch=("probe", run.probe["epoch"].values[bins]))
+    ds.attrs.update(source=source, **sequence_runs.describe(theta))
+    if theta is not None:   # the "classes" of a sequence run are its vocabulary: no class tables
+        for var in ("loss", "difficulty", "accuracy"):
+            ds[f"mean_{var}"] = (by, np.nanmean(ds[var].values, axis=1).astype(np.float32))
+        ds["difficulty"].attrs["long_name"] = "1 - mean target-token probability"
+        return ds
     classes = np.arange(run.num_classes or int(seq.target.max()) + 1)
     onehot = (seq.target[:, None] == classes[None, :]).astype(np.float64)  # (E, K)
     for var in ("loss", "difficulty", "accuracy"):

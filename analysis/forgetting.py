@@ -5,15 +5,16 @@ incorrectly at the next, and *learned* on the opposite transition. Examples neve
 once learned are *unforgettable*; examples never classified correctly are *never learned*,
 and how they count is a choice the paper makes (infinitely forgettable), so it is a
 parameter here. Correctness at a training presentation is argmax(logits) == target from
-the forward pass before that step's update.
+the forward pass before that step's update. On sequence runs "correct" is token accuracy >=
+`correct_threshold` (analysis.sequence_runs, docs/SEQUENCES.md).
 """
 from __future__ import annotations
 
 import numpy as np
 import xarray as xr
 
-from . import blockwise
-from .registry import register_analysis
+from . import blockwise, sequence_runs
+from .registry import CLASSES, register_analysis
 from .run import Run
 from .sequences import Sequences, gather, per_example
 
@@ -69,8 +70,8 @@ def _first_min(index: np.ndarray, values: np.ndarray, mask: np.ndarray, n: int) 
     return out
 
 
-def _correct_sequences(run: Run, source: str) -> tuple[Sequences, np.ndarray]:
-    seq = gather(run, source, scores=("correct",))
+def _correct_sequences(run: Run, source: str, correct_threshold=None) -> tuple[Sequences, np.ndarray]:
+    seq = gather(run, source, scores=("correct",), correct_threshold=correct_threshold)
     c = seq.scores["correct"]
     valid = ~np.isnan(c)
     if not valid.all():  # drop presentations without logits (never happens for complete rows)
@@ -80,19 +81,21 @@ def _correct_sequences(run: Run, source: str) -> tuple[Sequences, np.ndarray]:
     return seq, seq.scores["correct"].astype(bool)
 
 
-@register_analysis("forgetting", needs=("train/logits",))
-def forgetting(run: Run, source: str = "train", never_learned: str = "presentations") -> xr.Dataset:
+@register_analysis("forgetting", needs=("train/logits|train/token_accuracy",), tasks=CLASSES)
+def forgetting(run: Run, source: str = "train", never_learned: str = "presentations",
+               correct_threshold: float | None = None) -> xr.Dataset:
     """Per-example forgetting and learning events, first-learned step, unforgettable and
     never-learned flags (Toneva et al. 2019)."""
+    theta = sequence_runs.threshold(run, correct_threshold)
     if source == "train":   # streamed over step blocks: memory set by the number of examples
-        seq, stats = blockwise.forgetting_train(run, never_learned)
+        seq, stats = blockwise.forgetting_train(run, never_learned, theta)
     else:
-        seq, correct = _correct_sequences(run, source)
+        seq, correct = _correct_sequences(run, source, correct_threshold)
         stats = forgetting_counts(seq.index, correct, seq.step, seq.num_examples, never_learned)
         # first_learned_step is a train step (for probes: train rows before the pass)
         stats["first_learned_step"] = _first_min(seq.index, seq.step, correct, seq.num_examples)
         stats["first_learned_epoch"] = _first_min(seq.index, seq.epoch, correct, seq.num_examples)
-    ds = per_example(seq, stats, {"never_learned": never_learned})
+    ds = per_example(seq, stats, {"never_learned": never_learned, **sequence_runs.describe(theta)})
     ds["forgetting_events"].attrs["long_name"] = (
         "forgetting events (correct -> incorrect between consecutive presentations); never-learned "
         f"examples: {never_learned}")
@@ -100,11 +103,11 @@ def forgetting(run: Run, source: str = "train", never_learned: str = "presentati
     return ds
 
 
-@register_analysis("forgetting_timeline", needs=("train/logits",))
-def forgetting_timeline(run: Run, source: str = "train") -> xr.Dataset:
+@register_analysis("forgetting_timeline", needs=("train/logits|train/token_accuracy",), tasks=CLASSES)
+def forgetting_timeline(run: Run, source: str = "train", correct_threshold: float | None = None) -> xr.Dataset:
     """Forgetting and learning events per (epoch, example), attributed to the epoch of the
     presentation at which the example turned out wrong (forgetting) or right (learning)."""
-    seq, correct = _correct_sequences(run, source)
+    seq, correct = _correct_sequences(run, source, correct_threshold)
     forget, learn = transitions(seq.index, correct)
     epochs, einv = np.unique(seq.epoch, return_inverse=True)
     size = len(epochs) * seq.num_examples
@@ -116,5 +119,5 @@ def forgetting_timeline(run: Run, source: str = "train") -> xr.Dataset:
                      "learning_events": (("epoch", "example"), lr.astype(np.int32))},
                     coords={"epoch": epochs, "example": seq.examples,
                             "target": ("example", seq.target)})
-    ds.attrs["source"] = source
+    ds.attrs.update(source=source, **sequence_runs.describe(sequence_runs.threshold(run, correct_threshold)))
     return ds

@@ -13,13 +13,19 @@ import xarray as xr
 from .run import Run
 
 
+TASKS = ("classification", "regression", "sequence")
+CLASSES = ("classification", "sequence")   # analyses of correctness / gold-label scores
+
+
+def _has(run: Run, need: str) -> bool:
+    group, _, var = need.partition("/")
+    return run.has(group, var or None)
+
+
 def run_has_all(run: Run, needs) -> bool:
-    """Whether the run holds every "group" or "group/variable" in `needs`."""
-    for need in needs:
-        group, _, var = need.partition("/")
-        if not run.has(group, var or None):
-            return False
-    return True
+    """Whether the run holds every "group" or "group/variable" in `needs`; a need written
+    "a|b" is met by either (sequence runs store token statistics where others store logits)."""
+    return all(any(_has(run, alt) for alt in need.split("|")) for need in needs)
 
 
 @dataclass(frozen=True)
@@ -29,21 +35,31 @@ class AnalysisEntry:
     needs: tuple[str, ...] = ()          # "group" or "group/variable" the run must have
     description: str = ""
     summary: Callable[[xr.Dataset], str] | None = None   # one human line for `dynascope analyze`
+    tasks: tuple[str, ...] = TASKS       # run tasks (dataset.task) the analysis is defined for
 
     def available(self, run: Run) -> bool:
-        return run_has_all(run, self.needs)
+        return self.skip_reason(run) is None
+
+    def skip_reason(self, run: Run) -> str | None:
+        """Why the analysis does not apply to `run` (None when it does)."""
+        if run.task not in self.tasks:
+            return f"defined for {' and '.join(self.tasks)} runs; this run is {run.task}"
+        if not run_has_all(run, self.needs):
+            return f"run lacks {', '.join(self.needs)}"
+        return None
 
 
 ANALYSES: dict[str, AnalysisEntry] = {}
 
 
-def register_analysis(name: str, needs: tuple[str, ...] = (), description: str = "", summary=None):
+def register_analysis(name: str, needs: tuple[str, ...] = (), description: str = "", summary=None,
+                      tasks: tuple[str, ...] = TASKS):
     """Decorator: add an analysis to the registry under `name`."""
 
     def deco(func):
         doc = (func.__doc__ or "").strip().splitlines()
         ANALYSES[name] = AnalysisEntry(name, func, tuple(needs), description or (doc[0] if doc else ""),
-                                       summary=summary)
+                                       summary=summary, tasks=tuple(tasks))
         return func
 
     return deco

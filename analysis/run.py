@@ -50,6 +50,14 @@ class Run:
         return dict(self.attrs.get("dataset", {}))
 
     @property
+    def task(self) -> str:
+        """"classification", "regression" or "sequence" (token targets; docs/SEQUENCES.md)."""
+        task = self.dataset.get("task")
+        if task in ("classification", "regression", "sequence"):
+            return task
+        return "classification" if self.num_classes else "regression"
+
+    @property
     def num_classes(self) -> int | None:
         return self.dataset.get("num_classes")
 
@@ -124,9 +132,13 @@ def _open_group(path, name: str) -> xr.Dataset | None:
                 # never trust consolidated metadata here: it is written at close and goes
                 # stale when results are saved later or a run is still recording
                 try:
-                    return xr.open_zarr(store, group=name, consolidated=False)
+                    ds = xr.open_zarr(store, group=name, consolidated=False)
                 except ValueError:
-                    return _open_piecewise(store, name)
+                    ds = _open_piecewise(store, name)
+                missing = set(zarr.open_group(store, path=name, mode="r").array_keys()) - set(ds.variables)
+                if missing:   # listed while one was being replaced: read again
+                    raise KeyError(f"arrays {sorted(missing)} were not read")
+                return ds
             except (FileNotFoundError, KeyError, zarr.errors.GroupNotFoundError, ValueError, OSError) as e:
                 if not _group_exists(store, name):
                     return None

@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 import xarray as xr
 
-from .registry import register_analysis
+from .registry import CLASSES, register_analysis
 from .run import Run
 
 
@@ -66,16 +66,19 @@ DETECTORS = {
 }
 
 
-@register_analysis("mislabel_detection", needs=("ground_truth/is_mislabeled", "train/logits"))
-def mislabel_detection(run: Run, source: str = "train") -> xr.Dataset:
+@register_analysis("mislabel_detection", needs=("ground_truth/is_mislabeled", "train/logits|train/token_accuracy"),
+                   tasks=CLASSES)
+def mislabel_detection(run: Run, source: str = "train", correct_threshold: float | None = None) -> xr.Dataset:
     """AUROC of each example-dynamics score for finding the examples whose label was flipped
     (ground_truth/is_mislabeled); forgetting counts never-learned examples as infinite."""
     from .difficulty import aum, cartography, el2n
     from .forgetting import forgetting
 
     truth = run.ground_truth["is_mislabeled"].values.astype(bool)
-    results = {"forgetting": forgetting(run, source, never_learned="inf"), "aum": aum(run, source),
-               "cartography": cartography(run, source), "el2n": el2n(run, source=source)}
+    theta = correct_threshold
+    results = {"forgetting": forgetting(run, source, never_learned="inf", correct_threshold=theta),
+               "aum": aum(run, source), "cartography": cartography(run, source, correct_threshold=theta),
+               "el2n": el2n(run, source=source)}
     names, values, scored, dropped = [], [], [], []
     for name, (analysis, var, sign) in DETECTORS.items():
         ds = results[analysis]

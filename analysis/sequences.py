@@ -11,6 +11,9 @@ Sources:
 - ``"train"``: every training presentation, ordered by step; logits come from the training
   forward pass, i.e. before that step's update (docs/STORE.md).
 - ``"probe"``: the probe passes over the fixed tracked subset, ordered by probe.
+
+Sequence (language-model) runs store per-sequence token statistics instead of logits; their
+scores are defined in `analysis.sequence_runs` ("correct" = token accuracy >= θ).
 """
 from __future__ import annotations
 
@@ -19,6 +22,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import xarray as xr
 
+from . import sequence_runs
 from .run import Run
 
 SCORES = ("correct", "p_gold", "margin", "el2n", "loss", "grad_norm")
@@ -87,8 +91,10 @@ def logit_scores(logits: np.ndarray, target: np.ndarray, names=SCORES) -> dict[s
     return {k: v.astype(np.float32) for k, v in out.items()}
 
 
-def _blockwise(ds: xr.Dataset, row: str, target: np.ndarray, names) -> dict[str, np.ndarray]:
+def _blockwise(ds: xr.Dataset, row: str, target: np.ndarray, names, theta=None) -> dict[str, np.ndarray]:
     """Logit scores over the whole table, loading `BLOCK_BYTES` of logits at a time."""
+    if theta is not None:
+        return sequence_runs.scores(ds, names, theta)
     logit_names = [n for n in names if n in ("correct", "p_gold", "margin", "el2n")]
     out = {n: ds[n].values.astype(np.float32) for n in names if n in ("loss", "grad_norm")}
     if not logit_names:
@@ -112,30 +118,40 @@ def _blockwise(ds: xr.Dataset, row: str, target: np.ndarray, names) -> dict[str,
     return out
 
 
-def gather(run: Run, source: str = "train", scores=SCORES) -> Sequences:
-    """Every presentation of every example from `source` ("train" or "probe"), with `scores`."""
+def gather(run: Run, source: str = "train", scores=SCORES, correct_threshold: float | None = None) -> Sequences:
+    """Every presentation of every example from `source` ("train" or "probe"), with `scores`.
+    `correct_threshold` (θ) defines "correct" on sequence runs (token accuracy >= θ)."""
+    theta = sequence_runs.threshold(run, correct_threshold)
     if source == "train":
-        return _gather_train(run, scores)
+        return _gather_train(run, scores, theta)
     if source == "probe":
-        return _gather_probe(run, scores)
+        return _gather_probe(run, scores, theta)
     raise ValueError(f"source must be 'train' or 'probe', got {source!r}")
 
 
-def _available(ds: xr.Dataset, scores) -> list[str]:
+def _available(ds: xr.Dataset, scores, theta=None) -> list[str]:
     need_logits = {"correct", "p_gold", "margin", "el2n"}
     missing = [s for s in scores if s == "grad_norm" and "grad_norm" not in ds]
     if missing:
         raise ValueError("this run recorded no per-example gradient norms (grad_norm); record "
                          "them with the gradient extension (Recorder(..., grad_norms=True))")
+    if theta is not None:
+        need_logits = set(sequence_runs.STORED) | {"correct"}
     return [s for s in scores if s in ds or s in need_logits]
 
 
-def _gather_train(run: Run, scores) -> Sequences:
+def _class_targets(ds: xr.Dataset) -> bool:
+    """Whether the group's targets are class labels (regression and token targets are not:
+    their examples carry target -1 here, never a truncated float)."""
+    return "target" in ds and np.issubdtype(ds["target"].dtype, np.integer)
+
+
+def _gather_train(run: Run, scores, theta=None) -> Sequences:
     train = run.train
-    scores = _available(train, scores)
+    scores = _available(train, scores, theta)
     ids = train["example_id"].values
-    target = train["target"].values if "target" in train else np.full(ids.shape, -1)
-    cells = _blockwise(train, "step", target, scores)
+    target = train["target"].values if _class_targets(train) else np.full(ids.shape, -1)
+    cells = _blockwise(train, "step", target, scores, theta)
     cell, examples, index, step = sort_table(ids)
     epoch = train["epoch"].values.astype(np.int64)[step] if "epoch" in train else np.zeros_like(step)
     tgt = np.full(len(examples), -1, dtype=np.int64)
@@ -165,13 +181,13 @@ def sort_table(ids: np.ndarray):
     return key, examples, index, key // ids.shape[1]
 
 
-def _gather_probe(run: Run, scores) -> Sequences:
+def _gather_probe(run: Run, scores, theta=None) -> Sequences:
     if not run.has("probe") or not run.probe.sizes.get("probe", 0):
         raise ValueError("this run has no probe passes; use source='train' or record rec.probe(...)")
     p = run.probe
-    scores = _available(p, scores)
-    target = p["target"].values
-    cells = _blockwise(p.transpose("probe", "example", ...), "probe", target, scores)
+    scores = _available(p, scores, theta)
+    target = p["target"].values if _class_targets(p) else np.full(p.sizes["example"], -1)
+    cells = _blockwise(p.transpose("probe", "example", ...), "probe", target, scores, theta)
     n_probe, n_ex = p.sizes["probe"], p.sizes["example"]
     examples = p["example_id"].values.astype(np.int64)
     index = np.repeat(np.arange(n_ex), n_probe)

@@ -31,8 +31,10 @@ def summary_lines(run) -> list[str]:
     from analysis import epoch_curves
 
     ds = run.dataset
+    n = ds.get("num_classes")
+    kind = {"sequence": f"sequences, vocabulary {n}", "regression": "regression"}.get(run.task, f"{n} classes")
     lines = [f"run: {run.path}", f"  {run.describe_progress()}",
-             f"  dataset {ds.get('name')} ({ds.get('num_examples')} examples, {ds.get('num_classes')} classes); "
+             f"  dataset {ds.get('name')} ({ds.get('num_examples')} examples, {kind}); "
              f"model {run.attrs.get('model', {}).get('name')}"]
     from .describe import data_health, health_lines
 
@@ -81,8 +83,9 @@ def _run_analyses(path, only, save, params, echo, storage_options) -> dict:
     echo("analyses:")
     for name in names:
         entry = ANALYSES[name]
-        if not entry.available(run):
-            echo(f"  {name:<20} skipped: run lacks {', '.join(entry.needs)}")
+        reason = entry.skip_reason(run)
+        if reason:
+            echo(f"  {name:<20} skipped: {reason}")
             continue
         result = entry.func(run, **per.get(name, {}))
         results[name] = result

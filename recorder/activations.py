@@ -7,7 +7,11 @@ in the same order, which is what comparing layers and tracking drift needs; trai
 differ every step and would cost a hook per step for nothing.
 
 Spatial maps (N, C, *spatial) are reduced per channel ("mean" / "max") or flattened
-("flatten"). Layers wider than `max_units` keep a fixed, seeded subset of units, chosen with
+("flatten"). Sequence outputs (B, T, F) — any 3-D output of a module that is not
+channels-first (Conv1d, BatchNorm1d, 1-d pooling) — are pooled over T by `sequence_pool`:
+"mean" over the real tokens (the batch's `attention_mask` when the probe batch has one),
+"last" (the last real token, as GPT-style classifiers read out) or an integer position
+(0: BERT's [CLS]). Time-first outputs (T, B, F) are recognised by their batch dimension. Layers wider than `max_units` keep a fixed, seeded subset of units, chosen with
 numpy from the layer's name so analysis can name the units (`<name>__unit` coordinate).
 Stored as float32 by default: correlations of nearly-constant units lose their variance in
 float16 (10-bit mantissa); pass dtype="float16" to halve the size when that does not matter.
@@ -25,6 +29,10 @@ from .extensions import ArraySpec, BatchContext, Extension, register_extension
 
 GROUP = "activations"
 POOLS = ("mean", "max", "flatten")
+SEQUENCE_POOLS = ("mean", "last")
+# modules whose 3-D outputs are (N, C, L) feature maps, not (B, T, F) sequences
+CHANNELS_FIRST = (nn.Conv1d, nn.ConvTranspose1d, nn.BatchNorm1d, nn.InstanceNorm1d, nn.MaxPool1d,
+                  nn.AvgPool1d, nn.AdaptiveAvgPool1d, nn.AdaptiveMaxPool1d)
 DEFAULT_TYPES = ("Linear", "Conv2d")
 
 
@@ -79,6 +87,24 @@ def pool_output(out: torch.Tensor, pool: str) -> torch.Tensor:
     return out.mean(dim=spatial) if pool == "mean" else out.amax(dim=spatial)
 
 
+def pool_sequence(out: torch.Tensor, pool, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """(B, T, F) -> (B, F): mean over real tokens, the last real token, or position `pool`."""
+    b, t = out.shape[:2]
+    if mask is not None and tuple(mask.shape) != (b, t):
+        mask = None   # a mask for other positions (e.g. the input before pooling layers)
+    if isinstance(pool, int):
+        if not -t <= pool < t:
+            raise ValueError(f"activations: sequence_pool={pool} is outside sequences of length {t}")
+        return out[:, pool]
+    if pool == "last":
+        last = (mask.long().sum(1) - 1).clamp_min(0) if mask is not None else torch.full((b,), t - 1, device=out.device)
+        return out[torch.arange(b, device=out.device), last.to(out.device)]
+    if mask is None:
+        return out.mean(1)
+    m = mask.to(out.dtype).unsqueeze(-1)
+    return (out * m).sum(1) / m.sum(1).clamp_min(1)
+
+
 @register_extension("activations")
 class ActivationExtension(Extension):
     """Record chosen layers' outputs during probe passes.
@@ -87,12 +113,18 @@ class ActivationExtension(Extension):
             comma-separated string; default every Linear and Conv2d.
     pool: "mean" | "max" | "flatten" for outputs with spatial dimensions.
     max_units: keep at most this many units per layer (seeded subset); None keeps all.
+    sequence_pool: "mean" | "last" | int position, for (B, T, F) sequence outputs.
     """
 
     name = "activations"
 
     def __init__(self, layers=None, pool: str = "mean", max_units: int | None = 2048,
-                 dtype: str = "float32", seed: int = 0, kinds=("probe",)):
+                 dtype: str = "float32", seed: int = 0, kinds=("probe",), sequence_pool="mean"):
+        if not (sequence_pool in SEQUENCE_POOLS or (isinstance(sequence_pool, int) and not isinstance(sequence_pool, bool))):
+            raise ValueError(f"sequence_pool must be one of {SEQUENCE_POOLS} or a token position, got {sequence_pool!r}")
+        self.sequence_pool = sequence_pool
+        self._mask = None
+        self._batch_size = None
         if pool not in POOLS:
             raise ValueError(f"activation pool must be one of {POOLS}, got {pool!r}")
         if dtype not in ("float32", "float16"):
@@ -142,12 +174,14 @@ class ActivationExtension(Extension):
 
     def metadata(self) -> dict:
         return {"layers": [array_name(m) for m in self.modules], "modules": list(self.modules),
-                "pool": self.pool, "max_units": self.max_units, "dtype": self.dtype,
+                "pool": self.pool, "sequence_pool": self.sequence_pool, "max_units": self.max_units, "dtype": self.dtype,
                 "seed": self.seed, "kinds": list(self.kinds), "units": dict(self._info)}
 
     def begin_batch(self, batch: BatchContext) -> None:
         self._active = batch.kind in self.kinds
         self._captured = {}
+        self._mask = batch.extras.get("attention_mask")
+        self._batch_size = batch.batch_size
 
     def end_batch(self, batch: BatchContext) -> dict:
         if not self._active:
@@ -166,12 +200,19 @@ class ActivationExtension(Extension):
                 return  # a module called twice per forward (shared ReLU): the first call counts
             if isinstance(output, (tuple, list)):
                 output = output[0]
-            self._captured[module_name] = self.reduce(module_name, output.detach())
+            self._captured[module_name] = self.reduce(module_name, output.detach(), module)
         return hook
 
-    def reduce(self, module_name: str, output: torch.Tensor) -> torch.Tensor:
+    def reduce(self, module_name: str, output: torch.Tensor, module: nn.Module | None = None) -> torch.Tensor:
         """Pool, subsample and cast one layer's output to (B, units)."""
-        flat = pool_output(output, self.pool)
+        if output.dim() == 3 and not isinstance(module, CHANNELS_FIRST):
+            b = self._batch_size
+            time_first = getattr(module, "batch_first", None) is False or (
+                b is not None and output.shape[0] != b and output.shape[1] == b)
+            seq = output.transpose(0, 1) if time_first else output
+            flat = pool_sequence(seq, self.sequence_pool, self._mask)
+        else:
+            flat = pool_output(output, self.pool)
         if module_name not in self._subsets:
             self._first_seen(module_name, tuple(output.shape[1:]), flat.shape[1])
         keep = self._subsets[module_name]

@@ -15,6 +15,7 @@ KEYWORDS = {
     "grad_seed": ("gradients", "recorder.gradients", "seed"),
     "grad_layers": ("gradients", "recorder.gradients", "layers"),
     "grad_fused": ("gradients", "recorder.gradients", "fused"),
+    "grad_gram": ("gradients", "recorder.gradients", "gram"),
     "param_stats": ("params", "recorder.params", None),
     "param_stats_every": ("params", "recorder.params", "every"),
     "snapshot_params": ("params", "recorder.params", "snapshot_params"),
@@ -23,9 +24,10 @@ KEYWORDS = {
     "activation_pool": ("activations", "recorder.activations", "pool"),
     "activation_max_units": ("activations", "recorder.activations", "max_units"),
     "activation_dtype": ("activations", "recorder.activations", "dtype"),
+    "activation_sequence_pool": ("activations", "recorder.activations", "sequence_pool"),
 }
 # an extension is built when its enabling keyword is truthy
-ENABLING = {"gradients": ("grad_norms", "grad_projection"), "params": ("param_stats",),
+ENABLING = {"gradients": ("grad_norms", "grad_projection", "grad_gram"), "params": ("param_stats",),
             "activations": ("activations",)}
 # constructor arguments the keywords imply when omitted (asking for norms only must not
 # switch projections on), and keyword defaults: parameter statistics are cheap, so on

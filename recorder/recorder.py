@@ -33,6 +33,8 @@ import torch.nn.functional as F
 from dynascope import storage
 
 from . import distributed
+from . import batches
+from . import sequence as seq_mod
 from . import resume as resume_mod
 from . import store as store_mod
 from .epochs import EpochTracker
@@ -54,12 +56,23 @@ class Recorder:
                  config: dict | None = None, overwrite: bool = False, chunk_steps: int = 64,
                  expected_steps: int | None = None, loss_fn=None, extensions: list[Extension] = (),
                  dataset_info: dict | None = None, model_info: dict | None = None,
-                 storage_options: dict | None = None, resume: bool = False, resume_state: dict | None = None,
-                 handle_signals: bool = True, **extension_options):
+                 storage_options: dict | None = None, task: str | None = None,
+                 sequence: dict | seq_mod.SequenceOptions | None = None, resume: bool = False,
+                 resume_state: dict | None = None, handle_signals: bool = True, **extension_options):
         if num_classes is not None and (int(num_classes) != num_classes or num_classes < 1):
             raise ValueError(f"num_classes must be a positive integer, got {num_classes!r}")
         if num_examples is not None and (int(num_examples) != num_examples or num_examples < 1):
             raise ValueError(f"num_examples must be a positive integer, got {num_examples!r}")
+        if task is not None and task not in seq_mod.TASKS:
+            raise ValueError(f"task must be one of {seq_mod.TASKS}, got {task!r}")
+        if task == "classification" and num_classes is None:
+            raise ValueError("task='classification' needs num_classes=")
+        self.sequence = seq_mod.SequenceOptions.build(sequence)
+        # None: decided by the first targets (integer (B, T) with num_classes: a sequence run)
+        self.task = task or ("sequence" if sequence is not None else None)
+        # accelerate (HF Trainer) wraps the optimizer; hooks go on the torch optimizer inside
+        while isinstance(getattr(optimizer, "optimizer", None), torch.optim.Optimizer):
+            optimizer = optimizer.optimizer
         loc = storage.location(path, storage_options)   # a local Path, or an fsspec URL
         self.path = loc.local if loc.local is not None else loc
         self.storage_options = storage_options
@@ -78,7 +91,7 @@ class Recorder:
             raise ValueError(f"chunk_steps must be a positive integer, got {chunk_steps!r}")
         self.chunk_steps = int(chunk_steps)
         self.expected_steps = expected_steps
-        self.loss_fn = loss_fn or (_classification_loss if self.num_classes else _regression_loss)
+        self._loss_fn = loss_fn
         if not self.rank.is_main:   # parameters are the same on every rank: rank 0 records them
             extension_options.setdefault("param_stats", False)
         self.extensions: list[Extension] = list(extensions) + store_mod.build_extensions(extension_options, extensions)
@@ -90,6 +103,7 @@ class Recorder:
         self.examples_seen = 0
         self.last_epoch = -1
         self._probe_ids: dict[str, torch.Tensor] = {}
+        self._target_declared = False
         self._writer: ChunkWriter | None = None
         self._handles: list = []
         self._t0 = 0.0
@@ -165,6 +179,9 @@ class Recorder:
             self._writer.add_group(name, row_dim, self.chunk_steps if chunk == "steps" else 1)
         for spec in store_mod.core_specs(self.num_classes is not None):
             self._writer.declare(spec)
+        for group, row in (("train", "step"), ("probe", "probe"), ("eval", "eval")):
+            for spec in seq_mod.specs(group, row, "slot" if group == "train" else "example"):
+                self._writer.declare(spec)
         if stored is not None:
             resume_mod.check_matches(self.path, stored, self._root_attrs(), [e.name for e in self.extensions])
         for ext in self.extensions:
@@ -192,9 +209,12 @@ class Recorder:
 
     def _root_attrs(self) -> dict:
         params = list(self.model.parameters())
-        dataset = {"name": "custom", "task": "classification" if self.num_classes else "regression",
+        dataset = {"name": "custom", "task": self.task or ("classification" if self.num_classes else "regression"),
                    "num_examples": self.num_examples, "num_classes": self.num_classes,
-                   "class_names": [str(i) for i in range(self.num_classes or 0)], **self.dataset_info}
+                   "class_names": [str(i) for i in range(self.num_classes or 0)] if self.task != "sequence" else [],
+                   **self.dataset_info}
+        if self.task == "sequence":
+            dataset["sequence"] = self.sequence.metadata()
         model = {"name": type(self.model).__name__, "num_parameters": sum(p.numel() for p in params),
                  "trainable_parameters": sum(p.numel() for p in params if p.requires_grad),
                  "summary": str(self.model)[:4000], **self.model_info}
@@ -292,13 +312,49 @@ class Recorder:
         """Context for one training batch: forward, `step.record(...)`, backward inside it."""
         ids = check_example_ids(example_ids, self.num_examples)
         if targets is not None:
-            targets = check_targets(targets, len(ids), self.num_classes)
+            targets = self._check_targets(targets, len(ids), "train")
         elif self.num_classes is not None:
             raise ValueError("rec.step() needs targets= in a classification run (num_classes was given): "
                              "without them correctness, forgetting, AUM, EL2N and cartography cannot be "
                              "computed; pass rec.step(example_ids=idx, targets=y)")
         epoch = self._epochs.next(ids.numpy(), epoch if epoch is not None else self.epoch)
         return StepContext(self, ids, targets, int(epoch))
+
+    @property
+    def loss_fn(self):
+        if self._loss_fn is not None:
+            return self._loss_fn
+        if self.task == "sequence":
+            return lambda logits, y: seq_mod.sequence_loss(logits, y, self.sequence)
+        return _classification_loss if self.task == "classification" or (
+            self.task is None and self.num_classes) else _regression_loss
+
+    @loss_fn.setter
+    def loss_fn(self, fn) -> None:
+        self._loss_fn = fn
+
+    def _check_targets(self, targets, n: int, group: str) -> torch.Tensor:
+        """Check a batch's targets; the first ones decide the task and the target array."""
+        if not isinstance(targets, torch.Tensor):
+            targets = torch.as_tensor(targets)
+        if self.task is None:
+            self._set_task(seq_mod.infer_task(targets, self.num_classes))
+        if self.task == "sequence":
+            return seq_mod.check_targets(targets, n, self.num_classes, self.sequence)
+        t = check_targets(targets, n, self.num_classes if self.task == "classification" else None)
+        if group == "train" and not self._target_declared:
+            dims = ("step", "slot") if t.dim() == 1 else ("step", "slot", "output")
+            if self.task == "regression" and t.dim() > 2:
+                raise ValueError(f"regression targets must be (B,) or (B, k); got {tuple(t.shape)}")
+            self.writer.declare(ArraySpec("train", "target", dims,
+                                          "int64" if self.task == "classification" else "float32"))
+            self._target_declared = True
+        return t
+
+    def _set_task(self, task: str) -> None:
+        self.task = task
+        attrs = self._root_attrs()["dataset"]
+        self.writer.update_attrs({"dataset": attrs})
 
     def _count_optimizer_step(self, *args, **kwargs) -> None:
         self.optimizer_steps += 1
@@ -309,15 +365,18 @@ class Recorder:
         return float(self.optimizer.param_groups[0].get("lr", float("nan")))
 
     # -- probe and evaluation passes --------------------------------------------------
-    def probe(self, loader, loss_fn=None) -> None:
-        """Evaluate the fixed tracked subset (loader yields (x, y, example_id)) as one probe row."""
-        self._pass("probe", loader, loss_fn or self.loss_fn)
+    def probe(self, loader, loss_fn=None, *, ids_key: str = batches.DEFAULT_IDS_KEY,
+              targets_key: str = batches.DEFAULT_TARGETS_KEY) -> None:
+        """Evaluate the fixed tracked subset as one probe row. The loader yields (x, y, example_id)
+        or dicts (model keyword arguments plus the ids and targets under `ids_key`/`targets_key`)."""
+        self._pass("probe", loader, loss_fn or self.loss_fn, (ids_key, targets_key))
 
-    def evaluate(self, loader, loss_fn=None) -> None:
-        """Evaluate the held-out split (loader yields (x, y, example_id)) as one eval row."""
-        self._pass("eval", loader, loss_fn or self.loss_fn)
+    def evaluate(self, loader, loss_fn=None, *, ids_key: str = batches.DEFAULT_IDS_KEY,
+                 targets_key: str = batches.DEFAULT_TARGETS_KEY) -> None:
+        """Evaluate the held-out split as one eval row (loader batches as for `probe`)."""
+        self._pass("eval", loader, loss_fn or self.loss_fn, (ids_key, targets_key))
 
-    def _pass(self, kind: str, loader, loss_fn) -> None:
+    def _pass(self, kind: str, loader, loss_fn, keys=(batches.DEFAULT_IDS_KEY, batches.DEFAULT_TARGETS_KEY)) -> None:
         if not self.rank.is_main:   # rank 0 probes and evaluates; the same script runs everywhere
             return
         writer = self.writer
@@ -331,19 +390,18 @@ class Recorder:
         cols: dict[str, list] = {}
         try:
             for batch in loader:
-                if not isinstance(batch, (tuple, list)) or len(batch) != 3:
-                    raise ValueError(f"{kind} loaders must yield (inputs, targets, example_ids) batches; "
-                                     "wrap the dataset in recorder.IndexedDataset")
-                x, y, idx = batch
-                ids = check_example_ids(idx, None if kind == "eval" else self.num_examples)
-                y = check_targets(y, len(ids), self.num_classes).to(device)
+                b = batches.unpack(batch, kind, *keys)
+                ids = check_example_ids(b.example_ids, None if kind == "eval" else self.num_examples)
+                y = self._check_targets(b.targets, len(ids), kind).to(device)
                 ctx = BatchContext(kind, ids, y, step_index=self.steps)
+                if b.attention_mask is not None:  # lets activations pool over real tokens only
+                    ctx.extras["attention_mask"] = b.attention_mask.to(device)
                 for ext in active:
                     ext.begin_batch(ctx)
                 for p, _ in saved_grads:
                     p.grad = None
                 with torch.set_grad_enabled(need_grad):
-                    logits = self.model(x.to(device))
+                    logits = batches.output_logits(batches.call_model(self.model, batches.to_device(b.inputs, device)))
                     losses = loss_fn(logits, y)
                     ctx.losses, ctx.logits = losses, logits
                     for ext in active:
@@ -351,7 +409,9 @@ class Recorder:
                     if need_grad:
                         losses.sum().backward()
                 row = {"example_id": ids, "target": y.detach(), "loss": losses.detach()}
-                if self.num_classes:
+                if self.task == "sequence":
+                    row.update(seq_mod.token_stats(logits, y, self.sequence))
+                elif self.task == "classification":
                     row["logits"] = logits.detach()
                 for ext in active:
                     row.update(ext.end_batch(ctx))
@@ -374,13 +434,18 @@ class Recorder:
             if len(torch.unique(ids)) != len(ids):
                 raise ValueError(f"the {kind} loader yielded some example ids twice; each example once")
             self._probe_ids[kind] = ids
-            target = torch.cat(cols["target"])[order]
             self.write_static(kind, "example_id", ids, ("example",))
-            self.write_static(kind, "target", target, ("example",))
+            if self.task != "sequence":   # token targets are the user's data, not stored
+                target = torch.cat(cols["target"])[order]
+                dims = ("example",) if target.dim() == 1 else ("example", "output")
+                self.write_static(kind, "target", target, dims)
         elif not torch.equal(known, ids):
             raise ValueError(f"the {kind} pass covered different examples than the first {kind} pass; "
                              f"{kind} passes must use a fixed subset (build the loader once, shuffle=False)")
         cols.pop("target")
+        for k, v in cols.items():   # sequence batches may differ in length
+            if v[0].dim() >= 2 and k in seq_mod.TOKEN_ARRAYS:
+                cols[k] = seq_mod.pad_tokens(v, -1 if k == "topk_token" else float("nan"))
         values = {k: torch.cat(v)[order] if v[0].dim() else torch.stack(v) for k, v in cols.items()}
         by_group: dict[str, dict] = {g: {} for g in groups}
         owner = {s.name: s.group for e in self.extensions for s in e.specs() if s.group in groups}
@@ -417,8 +482,15 @@ class StepContext:
             raise RuntimeError("step.record() was called twice in one rec.step(); call it once per batch")
         n = self.batch.batch_size
         self.batch.losses = check_losses(losses, n)
-        if logits is not None:
-            self.batch.logits = check_logits(logits, n, self.rec.num_classes)
+        rec = self.rec
+        if logits is not None and rec.task == "sequence":
+            if self.batch.targets is None:
+                raise ValueError("sequence logits need the token targets: pass rec.step(example_ids=..., targets=tokens)")
+            seq_mod.check_logits(logits, self.batch.targets, rec.num_classes, rec.sequence)
+            self.batch.logits = logits
+            self.batch.extras["sequence"] = seq_mod.token_stats(logits, self.batch.targets, rec.sequence)
+        elif logits is not None:
+            self.batch.logits = check_logits(logits, n, rec.num_classes)
         self._recorded = True
         for ext in self.rec.extensions:
             ext.on_losses(self.batch)
@@ -434,10 +506,13 @@ class StepContext:
         row = {"example_id": b.example_ids, "loss": losses, "epoch": self.epoch,
                "optimizer_step": rec.optimizer_steps, "lr": rec._lr(), "batch_loss": losses.float().mean(),
                "batch_size": b.batch_size, "wall_time": time.perf_counter() - rec._t0}
-        if b.targets is not None:
-            row["target"] = b.targets.detach()
-        if b.logits is not None:
-            row["logits"] = b.logits.detach()
+        if "sequence" in b.extras:      # reduced on the device: the (B, T, V) logits are not kept
+            row.update(b.extras["sequence"])
+        else:
+            if b.targets is not None:
+                row["target"] = b.targets.detach()
+            if b.logits is not None:
+                row["logits"] = b.logits.detach()
         for ext in rec.extensions:
             row.update(ext.end_batch(b))
         rec.writer.append("train", row)

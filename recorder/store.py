@@ -132,10 +132,10 @@ def _json_safe(value):
 
 def core_specs(classification: bool) -> list[ArraySpec]:
     """Arrays every run has (train/probe/eval), independent of extensions."""
-    target = "int64" if classification else "float32"
+    # train/target is declared by the Recorder at the first step: its dims depend on the task
+    # ((step, slot) for classes and scalar regression, (step, slot, output) for (B, k) targets)
     specs = [
         ArraySpec("train", "example_id", ("step", "slot"), "int64"),
-        ArraySpec("train", "target", ("step", "slot"), target),
         ArraySpec("train", "loss", ("step", "slot"), "float32"),
         ArraySpec("train", "logits", ("step", "slot", "class"), "float32"),
         ArraySpec("train", "epoch", ("step",), "int32"),

@@ -38,7 +38,10 @@ def check_example_ids(example_ids, num_examples: int | None) -> torch.Tensor:
         raise ValueError(f"example_ids must be >= 0, got {lo}")
     if num_examples is not None and hi >= num_examples:
         raise ValueError(f"example id {hi} is out of range for num_examples={num_examples}; "
-                         f"ids must be dataset indices in [0, {num_examples})")
+                         f"ids must be dataset indices in [0, {num_examples}). If the loader's dataset is a "
+                         f"Subset or random_split part of a larger indexed dataset, its ids index that larger "
+                         f"dataset: pass num_examples=len(larger dataset), or wrap the part itself in "
+                         f"IndexedDataset(part) to get ids 0..len(part)-1")
     return ids
 
 

@@ -36,7 +36,7 @@ def main(out: str) -> None:
     probe = [(X[:8], Y[:8], torch.arange(8))]
     ids, losses, probe_losses = [], [], []
     with Recorder(out, ddp if rank == 0 else ddp.module, num_classes=3, num_examples=N,
-                  optimizer=opt, chunk_steps=2) as rec:
+                  optimizer=opt, chunk_steps=2, param_stats_every=1) as rec:
         for epoch in range(EPOCHS):
             sampler.set_epoch(epoch)
             for x, y, idx in loader:

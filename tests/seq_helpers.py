@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch.func import functional_call, grad, vmap
 
 from recorder.extensions import BatchContext
-from recorder.gradients import GradientExtension, projection_matrices
+from recorder.gradients import GradientExtension, sketch_reference
 
 
 def token_loss(logits, y):
@@ -49,22 +49,22 @@ def per_example(model, x, y, loss_fn, method="func"):
 
 
 def reference(ext, grads):
-    """(B, layers) squared norms and (B, proj) projections from per-example gradients."""
+    """(B, layers) squared norms, (B, K) sketch (None without one) and (B, B) Gram of the
+    covered gradients, from explicit per-example gradients."""
     meta = ext.metadata()
-    sq, proj = [], []
+    sq, proj, flat = [], None, []
     for layer in ext.layers:
         parts = [grads[n] for n in layer.param_names]
         B = parts[0].shape[0]
         sq.append(sum(p.reshape(B, -1).square().sum(1) for p in parts))
-        if layer.proj_size:
-            G = torch.stack([layer.rule.layout(layer.module, layer.params, [p[i] for p in parts])
-                             for i in range(B)])
-            m = projection_matrices(meta, layer.name)
-            if layer.rule.form == "factored":
-                proj.append(torch.einsum("ko,boi,ji->bkj", m["L"], G, m["R"]).flatten(1))
-            else:
-                proj.append(G @ m["P"].t())
-    return torch.stack(sq, 1), (torch.cat(proj, 1) if proj else None)
+        G = torch.stack([layer.rule.layout(layer.module, layer.params, [p[i] for p in parts])
+                         for i in range(B)])
+        flat.append(G.reshape(B, -1))
+        if ext.proj_total:
+            s = sketch_reference(meta, layer.name, G)
+            proj = s if proj is None else proj + s
+    F_ = torch.cat(flat, 1).double()
+    return torch.stack(sq, 1), proj, (F_ @ F_.t()).float()
 
 
 def rel(a, b):
@@ -74,13 +74,16 @@ def rel(a, b):
 
 def check(model, x, y, loss_fn=token_loss, method="func", tol=1e-4, ext=None, **kw):
     """Record one step and compare per-layer norms, total norms and projections."""
-    ext = ext or GradientExtension(**kw).attach_model(model)
+    ext = ext or GradientExtension(**{"gram": True, **kw}).attach_model(model)
     cols = run(model, ext, x, y, loss_fn)
     model.zero_grad()
-    sq_ref, proj_ref = reference(ext, per_example(model, x, y, loss_fn, method))
+    sq_ref, proj_ref, gram_ref = reference(ext, per_example(model, x, y, loss_fn, method))
     errs = {"layer": rel(cols["grad_norm_layer"].square(), sq_ref),
             "total": rel(cols["grad_norm"], sq_ref.sum(1).sqrt())}
     if proj_ref is not None:
         errs["proj"] = rel(cols["grad_proj"], proj_ref)
+    if "grad_gram" in cols:
+        g = cols["grad_gram"].double()
+        errs["gram"] = ((g - gram_ref.double()).abs().max() / gram_ref.double().abs().max()).item()
     assert max(errs.values()) <= tol, errs
     return ext, cols, errs

@@ -77,7 +77,7 @@ class Hooks:
             self._handles.append(module.register_forward_hook(
                 functools.partial(self._forward_hook, rule, feeds), with_kwargs=True))
             tied = len(feeds) > 1 or isinstance(feeds[0].rule, TiedRule)
-            if self.fused and self.norms and not tied and fusable(module, feeds[0]):
+            if self.fused and self._any_signal and not tied and fusable(module, feeds[0]):
                 self._install_fused(feeds[0])
         for module, rule, names in plan.forwards:
             self._install(module, functools.partial(rule.forward, self, module,
@@ -184,6 +184,7 @@ class Hooks:
             self._active = True
             self._bsz = batch.batch_size
             self._checking = checks.due(self, batch)
+            self._want_gram = self.gram and batch.kind == "train"
             if batch.kind == "train" and any(m.training for m in self._bn):
                 self._warn_batchnorm()
 
