@@ -319,6 +319,18 @@ class ChunkWriter:
         return out
 
     def _create(self, group: RowGroup, zgroup: zarr.Group, spec: ArraySpec, block: np.ndarray) -> zarr.Array:
+        if spec.name in zgroup:   # a resumed store: an array declared after reopening keeps its rows
+            arr = zgroup[spec.name]
+            group.arrays[spec.name] = arr
+            for dim, size in zip(spec.dims[1:], arr.shape[1:]):
+                group.dim_sizes[dim] = max(group.dim_sizes.get(dim, 0), size)
+            for dim, size in zip(spec.dims[1:], block.shape[1:]):
+                if size > group.dim_sizes.get(dim, 0):
+                    self._grow_dim(group, dim, size)
+            if arr.shape[0] < group.capacity:
+                arr.resize((group.capacity, *arr.shape[1:]))
+            group.capacity = max(group.capacity, arr.shape[0])
+            return arr
         trailing = []
         for dim, size in zip(spec.dims[1:], block.shape[1:]):
             group.dim_sizes[dim] = max(group.dim_sizes.get(dim, 0), size)
