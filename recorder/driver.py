@@ -146,10 +146,25 @@ def _augment_ids(cfg: TrainConfig, n: int) -> list[int]:
     return ids
 
 
-def epoch_order(n: int, seed: int, epoch: int) -> np.ndarray:
-    """The training order of one epoch, from its own seeded generator, so a resumed run can
-    replay the shuffle of the epoch it was killed in without replaying earlier ones."""
-    return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch)).numpy()
+class EpochOrder:
+    """The training order of each epoch: exactly the one DataLoader(shuffle=True,
+    generator=Generator().manual_seed(seed)) yields (its base-seed draw, then RandomSampler's
+    two randperm calls per epoch), computed without loading data, so a resumed run can
+    replay the generator up to the epoch it was killed in and continue mid-epoch."""
+
+    def __init__(self, n: int, seed: int):
+        self.n, self.gen, self.next_epoch = n, torch.Generator().manual_seed(seed), 0
+
+    def __call__(self, epoch: int) -> np.ndarray:
+        if epoch < self.next_epoch:
+            raise ValueError("epoch orders are drawn in increasing epoch order")
+        while True:
+            torch.empty((), dtype=torch.int64).random_(generator=self.gen)   # the iterator's base seed
+            order = torch.randperm(self.n, generator=self.gen)
+            torch.randperm(self.n, generator=self.gen)                       # RandomSampler's tail draw
+            self.next_epoch += 1
+            if self.next_epoch > epoch:
+                return order.numpy()
 
 
 def _start(cfg: TrainConfig):
@@ -190,6 +205,7 @@ def record_run(cfg: TrainConfig, progress: bool = True) -> Path:
     augment_ids = _augment_ids(cfg, len(train_set)) if cfg.augment_samples else []
     pin = device.type == "cuda"
     steps_per_epoch = -(-len(train_set) // cfg.batch_size)
+    epoch_order = EpochOrder(len(train_set), cfg.seed)
     probe_ids = _probe_subset(len(train_set), cfg.probe_size, cfg.seed)
     probe_loader = DataLoader(Subset(train_set, probe_ids.tolist()), batch_size=256, shuffle=False)
     eval_loader = DataLoader(IndexedDataset(bundle.test), batch_size=256, shuffle=False)
@@ -214,7 +230,7 @@ def record_run(cfg: TrainConfig, progress: bool = True) -> Path:
         for epoch in range(position["epoch"], cfg.epochs):
             model.train()
             first = position["batch"] if epoch == position["epoch"] else 0
-            order = epoch_order(len(train_set), cfg.seed, epoch)[first * cfg.batch_size:]
+            order = epoch_order(epoch)[first * cfg.batch_size:]
             # a generator of its own: creating the iterator must not draw from the global RNG
             loader = DataLoader(Subset(train_set, order.tolist()), batch_size=cfg.batch_size, shuffle=False,
                                 generator=torch.Generator(), pin_memory=pin)

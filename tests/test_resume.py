@@ -195,3 +195,19 @@ def test_api_resume_without_checkpoint_continues_from_committed_rows(tmp_path):
 
 
 Y8 = torch.arange(64) % 3
+
+
+def test_epoch_order_is_the_shuffling_loaders_order():
+    """Replayable without loading data, and the same order the driver always used."""
+    from torch.utils.data import DataLoader
+
+    from recorder.driver import EpochOrder
+
+    for n, seed in ((37, 5), (256, 0)):
+        loader = DataLoader(range(n), batch_size=8, shuffle=True, generator=torch.Generator().manual_seed(seed))
+        want = [torch.cat(list(loader)).numpy() for _ in range(4)]
+        order = EpochOrder(n, seed)
+        got = [order(e) for e in range(4)]
+        for g, w in zip(got, want):
+            np.testing.assert_array_equal(g, w)
+        np.testing.assert_array_equal(EpochOrder(n, seed)(3), want[3])     # jump straight to epoch 3
