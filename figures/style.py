@@ -128,6 +128,15 @@ def fit_width(fig, width: float | None) -> None:
         return
     w, h = fig.get_size_inches()
     fig.set_size_inches(width, max(h * width / w, min(h, 0.75 * width)))
+    if width < w:
+        # a legend inside narrowed axes can be wider than them; letting it drive the layout
+        # shrinks the axes to nothing, so it floats over the plot instead
+        for ax in fig.axes:
+            leg = ax.get_legend()
+            if leg is not None:
+                leg.set_in_layout(False)
+                for t in leg.get_texts():
+                    t.set_fontsize(min(t.get_fontsize(), 5.5))
 
 
 def integer_axis(ax, axis: str = "x") -> None:
