@@ -182,7 +182,7 @@ def gradient_sign_heatmap(run: Run, eps: float = 1e-5, max_columns: int = 1600, 
         im = ax.imshow(img, aspect="auto", cmap=SIGN_CMAP, vmin=-1, vmax=1, interpolation="nearest")
         _rows_axis(ax, signs)
         for c0 in col_starts[1:]:
-            ax.axvline(c0 - 0.5, color="0.15", lw=0.6)
+            ax.axvline(c0 - 0.5, color="black", lw=1.6)  # tensor boundary
         centres = col_starts + cols / 2 - 0.5
         show = cols >= 0.02 * ncol
         ax.set_xticks(centres[show], [f"{n} ({s:,})" for n, s in zip(names[show], sizes[show])],
