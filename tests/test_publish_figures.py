@@ -163,3 +163,33 @@ def test_summary_names_the_forgetting_convention(tiny_run):
     ev, never = f["forgetting_events"].values, f["never_learned"].values.astype(bool)
     assert f"mean {ev[~never].mean():.2f} forgetting events per learned example" in line
     assert "never-learned examples excluded" in line
+
+
+def test_majority_opposition_on_a_run_shorter_than_its_window(tmp_path):
+    from recorder.driver import TrainConfig, record_run
+
+    path = record_run(TrainConfig(dataset="planted", model="cnn", epochs=1, out=str(tmp_path / "short.zarr"),
+                                  batch_size=64, probe_size=32, train_size=192, test_size=32, chunk_steps=4,
+                                  grad_proj_dim=64), progress=False)
+    run = analysis.open_run(path)
+    assert run.train.sizes["step"] == 3 < 9
+    fig = figures.FIGURES["majority_opposition"].func(run)     # window=9 by default
+    raw, smooth = (np.asarray(line.get_ydata()) for line in fig.axes[0].lines[:2])
+    # centred mean with the window clipped to the 3 steps: [mean(0,1), mean(0,1,2), mean(1,2)]
+    want = np.array([raw[:2].mean(), raw.mean(), raw[1:].mean()])
+    np.testing.assert_allclose(smooth, want)
+    assert "centred 3-step mean" in [t.get_text() for t in fig.axes[0].get_legend().get_texts()]
+
+
+def test_centred_smoothing_keeps_the_peak_in_place():
+    import xarray as xr
+
+    from analysis.gradient_dynamics import _rolling_mean
+    from figures.smooth import centred_mean
+
+    x = np.exp(-0.5 * ((np.arange(200) - 60) / 8.0) ** 2)          # a peak at step 60
+    for smooth in (centred_mean(x, 50), _rolling_mean(xr.DataArray(x, dims="step"), 50).values):
+        assert int(np.argmax(smooth)) in (59, 60, 61)
+        assert smooth[60] == pytest.approx(x[35:85].mean())        # 25 before, 24 after: centred
+    trailing = xr.DataArray(x, dims="step").rolling(step=50, min_periods=1).mean().values
+    assert int(np.argmax(trailing)) > 75                           # what the old figure drew
