@@ -29,7 +29,7 @@ from .style import save_figure
 CSS = """body{font-family:system-ui,sans-serif;max-width:1100px;margin:0 auto 2em;padding:0 1em;color:#222}
 nav{position:sticky;top:0;background:#fff;border-bottom:1px solid #ccc;padding:.5em 0;z-index:1}
 nav a{margin-right:1.1em;text-decoration:none;color:#0072B2}section{scroll-margin-top:3em}
-ul.findings li{margin:.3em 0}
+ul.findings li{margin:.3em 0}table.kv td{text-align:left}details summary{cursor:pointer;color:#0072B2;margin:.4em 0}
 h1{font-size:1.5em}h2{font-size:1.2em;border-bottom:1px solid #ccc;padding-bottom:.2em;margin-top:2em}
 table{border-collapse:collapse;font-size:.9em}td,th{border:1px solid #ddd;padding:.25em .6em;text-align:right}
 th{background:#f4f4f4}td:first-child,th:first-child{text-align:left}figure{margin:1.2em 0}
@@ -143,10 +143,10 @@ def _montage_png(run: Run, s: dict, out_dir: Path) -> Path | None:
     return save_figure(fig, out_dir / f"{s['key']}_examples", ("png",))[0]
 
 
-def _table_html(header, rows) -> str:
+def _table_html(header, rows, cls: str = "") -> str:
     head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
     body = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in r) + "</tr>" for r in rows)
-    return f"<table><tr>{head}</tr>{body}</table>"
+    return f"<table{f' class={cls!r}' if cls else ''}><tr>{head}</tr>{body}</table>"
 
 
 def _text_table(header, rows) -> str:
@@ -166,6 +166,10 @@ FIGURE_SECTION = {"accuracy_evolution": "training", "training_animation": "train
 FINDINGS = {"training": ("generalisation_gap",), "opposing": ("opposing_pairs", "opposing_groups",
                                                               "majority_opposition", "opposing_detection"),
             "dynamics": ("forgetting", "mislabel_detection")}
+
+
+IDENTITY = ("run path", "run id", "status", "recorded", "dataset", "model", "epochs", "batch_size", "optimizer",
+            "lr", "schedule", "seed", "recorded with", "report drawn with")
 
 
 def section_of(entry) -> str:
@@ -294,7 +298,11 @@ def write_report(run_path, out_dir, *, figures=None, animations: bool = True, fp
         h.extend(_img(p, out, e.name, e.description) for e, p in rendered[key])
         h.append("</section>")
 
-    section("run", ["<h3>Configuration</h3>", _table_html(["setting", "value"], config),
+    ident = [r for r in config if r[0] in IDENTITY]
+    settings = [r for r in config if r[0] not in IDENTITY]
+    section("run", ["<h3>Configuration</h3>", _table_html(["setting", "value"], ident, "kv"),
+                    f"<details><summary>all {len(settings)} training settings</summary>",
+                    _table_html(["setting", "value"], settings, "kv"), "</details>",
                     "<h3>Key numbers</h3>", _table_html(["quantity", "value"], [[k, _fmt(v)] for k, v in numbers.items()])])
     section("training", ["<p class='note'>Generalisation gap: accuracy of the probe subset (scored against the "
                          "labels it is trained with) minus held-out accuracy, for the same model after the same "
