@@ -64,6 +64,15 @@ def render_comparison(runs, name: str, out_dir: Path, formats=FORMATS, params=No
     entry = COMPARISONS[name]
     with looking(look or Look()), parameters.use(params, use_saved) as res:
         fig = entry.func(runs)
+        seen: dict[str, dict] = {}
+        for u in res.uses:
+            if seen.setdefault(u.name, u.params) != u.params:
+                import matplotlib.pyplot as plt
+
+                plt.close(fig)
+                diff = sorted(k for k in u.params if u.params.get(k) != seen[u.name].get(k))
+                raise ValueError(f"the runs' saved {u.name} results use different parameters ({', '.join(diff)}); "
+                                 f"pass --param {u.name}.{diff[0]}=VALUE so every run is drawn with the same")
         out_dir.mkdir(parents=True, exist_ok=True)
         return finish(fig, name, runs, res.uses, {}, out_dir / name, formats, entry.description)
 

@@ -61,7 +61,9 @@ def conditions(runs) -> list[tuple[str, list]]:
         label = ", ".join(f"{k}={d.get(k, '—')}" for k in differing) if differing else \
             ", ".join(r.path.stem if r.path.stem != "run" else r.path.parent.name for r in groups[kk])
         n = len(groups[kk])
-        out.append((label + (f" ({n} seeds)" if n > 1 else ""), groups[kk]))
+        seeds = {repr(r.attrs.get("config", {}).get("seed")) for r in groups[kk]}
+        what = "seeds" if len(seeds) == n else "runs"   # the same seed twice is a repeat, not a seed
+        out.append((label + (f" ({n} {what})" if n > 1 else ""), groups[kk]))
     return out
 
 

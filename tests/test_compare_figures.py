@@ -92,3 +92,18 @@ def test_bad_spec_keys_are_named(tmp_path):
 def test_comparison_on_one_run_is_an_error(three_runs, tmp_path):
     with pytest.raises(ValueError, match="need two or more runs"):
         render_runs([three_runs[0]], tmp_path, names=["compare_training_curves"])
+
+
+def test_runs_drawn_with_different_saved_parameters_are_refused(three_runs, tmp_path):
+    runner = CliRunner()
+    r = runner.invoke(main, ["analyze", str(three_runs[0]), "--only", "forgetting", "--save",
+                             "--param", "forgetting.source=probe"])
+    assert r.exit_code == 0, r.output
+    args = ["figures", *map(str, three_runs[:2]), "--out", str(tmp_path), "--only", "compare_forgetting"]
+    r = runner.invoke(main, args)
+    assert r.exit_code == 1 and "use different parameters (source)" in r.stderr
+    assert not (tmp_path / "compare" / "compare_forgetting.png").exists()
+    r = runner.invoke(main, args + ["--param", "forgetting.source=train"])
+    assert r.exit_code == 0, r.output
+    uses = read_png(tmp_path / "compare" / "compare_forgetting.png")["analyses"]
+    assert {u["params"]["source"] for u in uses} == {"train"}
