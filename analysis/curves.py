@@ -111,10 +111,10 @@ def loss_trajectories(run: Run, source: str = "probe") -> xr.Dataset:
                                  step=("probe", p["step"].values), epoch=("probe", p["epoch"].values))
     if source != "train":
         raise ValueError(f"source must be 'probe' or 'train', got {source!r}")
-    from .sequences import gather, time_table
+    from .blockwise import epoch_tables
 
-    seq = gather(run, "train", scores=("loss",))
-    epochs, loss = time_table(seq, seq.scores["loss"], by="epoch")
+    seq, epochs, t = epoch_tables(run, ("loss",))   # streamed over step blocks
+    loss = t["loss"]
     return xr.Dataset({"loss": (("epoch", "example"), loss.astype(np.float32))},
                       coords={"epoch": epochs, "example_id": ("example", seq.examples),
                               "target": ("example", seq.target)})

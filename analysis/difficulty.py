@@ -16,6 +16,7 @@ from __future__ import annotations
 import numpy as np
 import xarray as xr
 
+from . import blockwise
 from .registry import register_analysis
 from .run import Run
 from .sequences import Sequences, gather, per_example, time_table
@@ -36,11 +37,16 @@ def _mean_std(seq: Sequences, values: np.ndarray) -> tuple[np.ndarray, np.ndarra
 def cartography(run: Run, source: str = "train") -> xr.Dataset:
     """Dataset Cartography: confidence (mean gold-label probability over presentations),
     variability (its population std) and correctness (fraction correct)."""
-    seq = gather(run, source, scores=("p_gold", "correct"))
-    conf, var = _mean_std(seq, seq.scores["p_gold"])
-    corr, _ = _mean_std(seq, seq.scores["correct"])
+    if source == "train":   # streamed over step blocks: memory set by the number of examples
+        seq, m = blockwise.moments(run, ("p_gold", "correct"), std=("p_gold",))
+        conf, var, corr, counts = m["mean_p_gold"], m["std_p_gold"], m["mean_correct"], m["presentations"]
+    else:
+        seq = gather(run, source, scores=("p_gold", "correct"))
+        conf, var = _mean_std(seq, seq.scores["p_gold"])
+        corr, _ = _mean_std(seq, seq.scores["correct"])
+        counts = seq.counts()
     ds = per_example(seq, {"confidence": conf, "variability": var, "correctness": corr,
-                           "presentations": seq.counts()})
+                           "presentations": counts})
     ds["confidence"].attrs["long_name"] = "mean gold-label probability over presentations"
     ds["variability"].attrs["long_name"] = "std (ddof=0) of the gold-label probability"
     ds["correctness"].attrs["long_name"] = "fraction of presentations classified correctly"
@@ -51,9 +57,14 @@ def cartography(run: Run, source: str = "train") -> xr.Dataset:
 def aum(run: Run, source: str = "train") -> xr.Dataset:
     """Area Under the Margin: gold logit minus the largest other logit, averaged over
     presentations (low or negative: likely mislabelled)."""
-    seq = gather(run, source, scores=("margin",))
-    mean, _ = _mean_std(seq, seq.scores["margin"])
-    ds = per_example(seq, {"aum": mean, "presentations": seq.counts()})
+    if source == "train":   # streamed over step blocks
+        seq, m = blockwise.moments(run, ("margin",))
+        mean, counts = m["mean_margin"], m["presentations"]
+    else:
+        seq = gather(run, source, scores=("margin",))
+        mean, _ = _mean_std(seq, seq.scores["margin"])
+        counts = seq.counts()
+    ds = per_example(seq, {"aum": mean, "presentations": counts})
     ds["aum"].attrs["long_name"] = "mean margin (gold logit - largest other logit)"
     return ds
 
@@ -100,8 +111,9 @@ def _score_at(run: Run, name: str, var: str, step, source: str, probe) -> xr.Dat
         at = np.full(seq.num_examples, float(run.probe["step"].values[k]))
         attrs = {"probe": k, "step": int(run.probe["step"].values[k])}
     else:
-        seq = gather(run, source, scores=(name,))
-        score, at = _at_step(seq, name, step)
+        if source != "train":
+            raise ValueError(f"source must be 'train' or 'probe', got {source!r}")
+        seq, score, at = blockwise.latest(run, name, step)   # streamed over step blocks
         attrs = {"step": -1 if step is None else int(step)}
     return per_example(seq, {var: score, "score_step": at}, attrs)
 
@@ -128,11 +140,15 @@ def grand(run: Run, step: int | None = None, source: str = "train", probe: int |
 def difficulty(run: Run, source: str = "train") -> xr.Dataset:
     """Difficulty over time: per (epoch or probe, example) mean loss and 1 - p(gold), plus the
     per-class and overall means (the average over examples of the per-example values)."""
-    seq = gather(run, source, scores=("loss", "p_gold", "correct"))
     by = "epoch" if source == "train" else "probe"
-    bins, loss = time_table(seq, seq.scores["loss"], by)
-    _, pg = time_table(seq, seq.scores["p_gold"], by)
-    _, ok = time_table(seq, seq.scores["correct"], by)
+    if source == "train":   # streamed over step blocks: memory set by examples x epochs (the result)
+        seq, bins, t = blockwise.epoch_tables(run, ("loss", "p_gold", "correct"))
+        loss, pg, ok = t["loss"], t["p_gold"], t["correct"]
+    else:
+        seq = gather(run, source, scores=("loss", "p_gold", "correct"))
+        bins, loss = time_table(seq, seq.scores["loss"], by)
+        _, pg = time_table(seq, seq.scores["p_gold"], by)
+        _, ok = time_table(seq, seq.scores["correct"], by)
     dims = (by, "example")
     ds = xr.Dataset({"loss": (dims, loss.astype(np.float32)),
                      "difficulty": (dims, (1 - pg).astype(np.float32)),

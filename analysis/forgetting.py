@@ -12,6 +12,7 @@ from __future__ import annotations
 import numpy as np
 import xarray as xr
 
+from . import blockwise
 from .registry import register_analysis
 from .run import Run
 from .sequences import Sequences, gather, per_example
@@ -83,11 +84,14 @@ def _correct_sequences(run: Run, source: str) -> tuple[Sequences, np.ndarray]:
 def forgetting(run: Run, source: str = "train", never_learned: str = "presentations") -> xr.Dataset:
     """Per-example forgetting and learning events, first-learned step, unforgettable and
     never-learned flags (Toneva et al. 2019)."""
-    seq, correct = _correct_sequences(run, source)
-    stats = forgetting_counts(seq.index, correct, seq.step, seq.num_examples, never_learned)
-    # first_learned_step is a train step (for probes: train rows before the pass)
-    stats["first_learned_step"] = _first_min(seq.index, seq.step, correct, seq.num_examples)
-    stats["first_learned_epoch"] = _first_min(seq.index, seq.epoch, correct, seq.num_examples)
+    if source == "train":   # streamed over step blocks: memory set by the number of examples
+        seq, stats = blockwise.forgetting_train(run, never_learned)
+    else:
+        seq, correct = _correct_sequences(run, source)
+        stats = forgetting_counts(seq.index, correct, seq.step, seq.num_examples, never_learned)
+        # first_learned_step is a train step (for probes: train rows before the pass)
+        stats["first_learned_step"] = _first_min(seq.index, seq.step, correct, seq.num_examples)
+        stats["first_learned_epoch"] = _first_min(seq.index, seq.epoch, correct, seq.num_examples)
     ds = per_example(seq, stats, {"never_learned": never_learned})
     ds["forgetting_events"].attrs["long_name"] = (
         "forgetting events (correct -> incorrect between consecutive presentations); never-learned "

@@ -63,6 +63,8 @@ def _reduce(p: xr.Dataset, k_eps: int, k_nz: int, dead_window: int) -> xr.Datase
            "near_zero": hist.isel(bin=slice(0, k_nz + 2)).sum("bin")}
     if "released" in p:
         out["released"] = p["released"].isel(edge=k_nz)
+    if "prev_grad_hist" in p:       # recorded under a cadence: the previous step is not a row
+        out["near_zero_prev"] = p["prev_grad_hist"].isel(bin=slice(0, k_nz + 2)).sum("bin")
     for var in ("sign_flips", "weight_diff_norm", "update_norm", "grad_norm", "secant_dot"):
         if var in p:
             out[var] = p[var]
@@ -97,6 +99,9 @@ def gradient_dynamics(run: Run, eps: float = 1e-7, near_zero: float = 1e-5, wind
     if window < 1:
         raise ValueError(f"window must be >= 1, got {window}")
     dead_window = int(dead_window or window)
+    # under a cadence (param_stats_every=N) rows are every N-th step: windows given in steps
+    # span ceil(window / N) rows
+    every = max(1, int(run.extensions.get("params", {}).get("every", 1)))
     edges = p["edge"].values
     n, P = p.sizes["step"], p.sizes["param"]
     if n == 0:
@@ -108,14 +113,20 @@ def gradient_dynamics(run: Run, eps: float = 1e-7, near_zero: float = 1e-5, wind
     else:
         k_eps, eps_used = edge_index(edges, eps, "eps", snap_to_edge)
     k_nz, nz_used = edge_index(edges, near_zero, "near_zero", snap_to_edge)
+    window_steps, window = window, max(1, -(-window // every))
+    dead_steps, dead_window = dead_window, max(1, -(-dead_window // every))
     raw = _reduce(p, k_eps, k_nz, dead_window)       # one lazy pass; only (step, param)-sized results
     below = raw["below"].values                                         # #(|g| < eps)
     nz_now = raw["near_zero"].values
-    nz_prev = np.concatenate([np.full((1, P), -1), nz_now[:-1]])      # near-zero at t-1
+    if "near_zero_prev" in raw:
+        nz_prev = raw["near_zero_prev"].values
+    else:
+        nz_prev = np.concatenate([np.full((1, P), -1), nz_now[:-1]])  # near-zero at t-1
 
-    steps = np.arange(n)
+    rows = np.arange(n)
+    steps = np.asarray(p["step"].values, np.int64) if "step" in p.variables else rows
     names = p["param"].values if "param" in p.variables else np.arange(P)
-    step_epoch = _step_epochs(run, n)
+    step_epoch = _step_epochs(run, int(steps.max()) + 1)[steps]
     sp, s = ("step", "param"), "step"
     ds = xr.Dataset(coords={"step": steps, "param": names, "step_epoch": (s, step_epoch)})
     ds["param_size"] = ("param", size)
@@ -127,7 +138,8 @@ def gradient_dynamics(run: Run, eps: float = 1e-7, near_zero: float = 1e-5, wind
     if "released" in raw:
         rel = np.asarray(raw["released"].values, np.float64)
         rel[0] = np.nan
-        prev = np.where(steps[:, None] > 0, nz_prev, np.nan).astype(np.float64)
+        rel[rel < 0] = np.nan                                          # no previous step recorded
+        prev = np.where((rows[:, None] > 0) & ~np.isnan(rel), nz_prev, np.nan).astype(np.float64)
         ds["released_by_param"] = (sp, rel)
         ds["retained_by_param"] = (sp, prev - rel)
         ds["released_fraction_by_param"] = (sp, _ratio(rel, prev))
@@ -169,7 +181,7 @@ def gradient_dynamics(run: Run, eps: float = 1e-7, near_zero: float = 1e-5, wind
     if "dead_by_param" in raw:
         upar = np.asarray(p["unit_param"].values, np.int64)
         units = np.bincount(upar, minlength=P)
-        valid = steps >= dead_window - 1
+        valid = rows >= dead_window - 1
         dead_by = raw["dead_by_param"].values.astype(np.int64)
         ds["dead_units_by_param"] = (sp, np.where(valid[:, None], dead_by, -1))
         ds["dead_unit_fraction"] = (s, np.where(valid, dead_by.sum(1) / max(1, units.sum()), np.nan))
@@ -187,7 +199,8 @@ def gradient_dynamics(run: Run, eps: float = 1e-7, near_zero: float = 1e-5, wind
 
     _add_epochs(ds, step_epoch)
     ds.attrs.update({"eps": float(eps), "eps_used": eps_used, "near_zero": float(near_zero),
-                     "near_zero_used": nz_used, "window": int(window), "dead_window": dead_window,
+                     "near_zero_used": nz_used, "window": int(window_steps), "dead_window": int(dead_steps),
+                     "every": every, "window_rows": int(window), "dead_window_rows": int(dead_window),
                      "total_components": total,
                      "note": "counts are exact at histogram edges (float32 |g| compared with the "
                              "float32 edge); see docs/OPTIMIZATION.md"})

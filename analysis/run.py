@@ -14,6 +14,10 @@ import numpy as np
 import xarray as xr
 import zarr
 
+from dynascope import storage
+
+from . import ranks
+
 SCHEMA_VERSION = 1
 ROW_DIMS = {"train": "step", "params": "step", "probe": "probe", "eval": "eval",
             "activations": "probe", "snapshots": "snapshot"}
@@ -107,21 +111,23 @@ def _open_group(path: Path, name: str) -> xr.Dataset | None:
         try:
             # never trust consolidated metadata here: it is written at close and goes
             # stale when results are saved later or a run is still recording
-            return xr.open_zarr(path, group=name, consolidated=False)
+            return xr.open_zarr(storage.location(path).zarr_store(read_only=True), group=name,
+                                consolidated=False)
         except (FileNotFoundError, KeyError, zarr.errors.GroupNotFoundError):
             return None
 
 
 def _read_root_attrs(path: Path) -> dict:
-    meta = path / "zarr.json"
-    if not path.exists():
+    loc = storage.location(path)
+    meta = loc / "zarr.json"
+    if not loc.exists():
         raise RunError(f"{path} does not exist; pass the path of a run recorded with "
                        f"`dynascope record` or recorder.Recorder")
-    if not meta.exists():
+    if not loc.exists("zarr.json"):
         raise RunError(f"{path} is not a Zarr v3 store (no zarr.json); "
                        f"pass the path of a dynascope run (a directory ending in .zarr)")
     try:
-        attrs = json.loads(meta.read_text()).get("attributes", {})
+        attrs = loc.read_json("zarr.json").get("attributes", {})
     except json.JSONDecodeError as e:
         raise RunError(f"{meta} is not valid JSON ({e}); the store is damaged") from None
     info = attrs.get("dynascope")
@@ -141,31 +147,34 @@ def _trim(ds: xr.Dataset, row_dim: str, rows: int) -> xr.Dataset:
     return ds
 
 
-def open_run(path: str | Path) -> Run:
-    """Open a run for analysis. Groups are lazy; rows past `committed` are dropped."""
-    path = Path(path)
-    attrs = _read_root_attrs(path)
+def open_run(path: str | Path, storage_options: dict | None = None) -> Run:
+    """Open a run for analysis: a local path or an fsspec URL (s3://, gs://, memory://; credentials
+    in `storage_options`). Groups are lazy; rows past `committed` are dropped."""
+    loc = storage.location(path, storage_options)
+    path = loc.local if loc.local is not None else loc
+    attrs = _read_root_attrs(loc)
     committed = attrs.get("committed", {})
     groups: dict[str, xr.Dataset] = {}
-    for child in sorted(p.name for p in path.iterdir() if (p / "zarr.json").exists()):
+    for child in loc.children():
         if child == "analysis":
             continue
-        ds = _open_group(path, child)
+        ds = _open_group(loc, child)
         if ds is None or not ds.variables:
             continue
         row_dim = ROW_DIMS.get(child)
         if row_dim is not None:
             ds = _trim(ds, row_dim, int(committed.get(child, 0)))
         groups[child] = ds
+    attrs, groups = ranks.merge(loc, attrs, groups, _open_group, _trim, RunError)   # torch.distributed runs
     return Run(path=path, attrs=attrs, groups=groups)
 
 
 def saved_results(path: str | Path) -> list[str]:
     """Names of analysis results saved in the store."""
-    base = Path(path) / "analysis"
+    base = storage.location(path) / "analysis"
     if not base.exists():
         return []
-    return sorted(p.name for p in base.iterdir() if (p / "zarr.json").exists())
+    return base.children()
 
 
 def save_result(path: str | Path, name: str, result: xr.Dataset, params: dict) -> str:
@@ -184,21 +193,22 @@ def save_result(path: str | Path, name: str, result: xr.Dataset, params: dict) -
     out.attrs = json_safe({**result.attrs, "analysis": name,
                            "params": {**result.attrs.get("params", {}), **params},
                            **({"effective_params": effective} if effective is not None else {}),
-                           "run_committed": _read_root_attrs(Path(path)).get("committed", {}),
+                           "run_committed": _read_root_attrs(path).get("committed", {}),
                            "created": datetime.now(timezone.utc).isoformat()})
     for v in out.variables.values():
         v.encoding = {}
     group = f"analysis/{name}"
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        out.to_zarr(Path(path), group=group, mode="w", consolidated=False)
-        if (Path(path) / "zarr.json").exists() and "consolidated_metadata" in (Path(path) / "zarr.json").read_text():
-            zarr.consolidate_metadata(str(path))  # keep plain xr.open_zarr(path, group=...) in sync
+        loc = storage.location(path)
+        out.to_zarr(loc.zarr_store(), group=group, mode="w", consolidated=False)
+        if loc.exists("zarr.json") and "consolidated_metadata" in loc.read_json("zarr.json"):
+            zarr.consolidate_metadata(loc.zarr_store())  # keep plain xr.open_zarr(path, group=...) in sync
     return group
 
 
 def load_result(path: str | Path, name: str) -> xr.Dataset:
-    ds = _open_group(Path(path), f"analysis/{name}")
+    ds = _open_group(storage.location(path), f"analysis/{name}")
     if ds is None:
         raise RunError(f"no saved analysis '{name}' in {path}; "
                        f"saved: {', '.join(saved_results(path)) or 'none'}")

@@ -1,261 +1,342 @@
-"""Recorder overhead on the training hot path, all ratios measured in one run.
+"""Recording cost on the training hot path: every ratio measured in one process.
 
-    python benchmarks/overhead.py            # seed CNN, batch 128, 2 torch threads, CPU
+    python benchmarks/overhead.py                    # seed CNN, resnet18, transformer; CPU, 2 threads
+    python benchmarks/overhead.py --threads 1        # training-thread CPU time = all torch compute
+    python benchmarks/overhead.py --device cuda      # the same on a GPU (wall time, synchronised)
+    python benchmarks/overhead.py --models cnn --no-peers
 
-Step time with the recorder / plain training for (a) losses + logits, (b) + exact
-per-example gradient norms, (c) + 1024-dim factored projections, (b) and (c) again with the
-fused conv backward off (`grad_fused=False`); baselines: a per-example
-Python loop and torch.func vmap gradients + a dense Gaussian projection; the writer's
-throughput / a raw sequential write of the same bytes; the share of step time the
-training thread spends blocked on the writer.
+Per model, step time with the recorder / a plain step for: the default (losses, logits,
+per-parameter statistics at their default cadence), its parts, exact per-example norms, and
+norms + projections; then the peers (BackPACK BatchL2Grad, Opacus GradSampleModule,
+torch.func vmap; `pip install -e .[bench]`, skipped with a note when missing) computing
+the same norms. Last, the fixed per-step cost on a tiny MLP (batch 64) in microseconds.
 
-Variants are interleaved round by round and medians are reported, so a noisy shared
-machine shifts them together; the process CPU time per step (less sensitive to other
-processes than wall time) is printed next to wall time.
+Variants are interleaved round by round (order rotated), each round's mean step time taken
+over whole cadence periods and the median over rounds reported, so load on a shared machine
+shifts them together; the training thread's CPU time (robust to other processes; with
+--threads 1 it is all torch compute) is printed next to wall time. Load averages are
+printed at the start and end: figures taken under load are not quiet.
 """
 from __future__ import annotations
 
 import argparse
-import warnings
 import copy
+import itertools
 import os
 import statistics
 import sys
 import tempfile
 import time
+import warnings
 from pathlib import Path
 
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from recorder import Recorder  # noqa: E402
 from recorder.models import build_model  # noqa: E402
 
-N_EXAMPLES = 50_000
+N_EXAMPLES = 1 << 20
+_STORES = itertools.count()
 
 
-def make_batch(step: int, B: int):
-    g = torch.Generator().manual_seed(step)
-    x = torch.randn(B, 3, 32, 32, generator=g)
-    y = torch.randint(0, 10, (B,), generator=g)
-    ids = (torch.arange(B) + step * B) % N_EXAMPLES
-    return x, y, ids
+class TinyTransformer(nn.Module):
+    """Two pre-norm encoder blocks, attention written with nn.Linear (what per-example rules
+    see), fixed sinusoidal positions (a buffer, no broadcast parameter), mean-pooled head."""
+
+    def __init__(self, vocab=512, d=128, heads=4, layers=2, T=64, classes=10):
+        super().__init__()
+        self.emb, self.heads = nn.Embedding(vocab, d), heads
+        pos = torch.arange(T)[:, None] / torch.pow(10_000, torch.arange(0, d, 2) / d)
+        self.register_buffer("pos", torch.cat([pos.sin(), pos.cos()], 1))
+        self.blocks = nn.ModuleList(nn.ModuleDict(dict(
+            ln1=nn.LayerNorm(d), qkv=nn.Linear(d, 3 * d), out=nn.Linear(d, d), ln2=nn.LayerNorm(d),
+            up=nn.Linear(d, 4 * d), down=nn.Linear(4 * d, d))) for _ in range(layers))
+        self.ln, self.head = nn.LayerNorm(d), nn.Linear(d, classes)
+
+    def forward(self, tokens):
+        h = self.emb(tokens) + self.pos[: tokens.shape[1]]
+        B, T, d = h.shape
+        for b in self.blocks:
+            q, k, v = b["qkv"](b["ln1"](h)).view(B, T, 3, self.heads, d // self.heads).unbind(2)
+            a = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+            h = h + b["out"](a.transpose(1, 2).reshape(B, T, d))
+            h = h + b["down"](F.gelu(b["up"](b["ln2"](h))))
+        return self.head(self.ln(h).mean(1))
+
+
+def _images(B, g):
+    return torch.randn(B, 3, 32, 32, generator=g)
+
+
+def _tokens(B, g):
+    return torch.randint(0, 512, (B, 64), generator=g)
+
+
+MLP = lambda: nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 10))  # noqa: E731
+# name: (builder, batch, input maker, targets (norms / norms + projections))
+MODELS = {
+    "cnn": (lambda: build_model("cnn", 10, (3, 32, 32)), 128, _images, (1.10, 1.30)),
+    "resnet18": (lambda: build_model("resnet18", 10, (3, 32, 32)), 32, _images, (1.20, 1.35)),
+    "transformer": (TinyTransformer, 32, _tokens, (None, None)),
+    "mlp": (MLP, 64, lambda B, g: torch.randn(B, 32, generator=g), (None, None)),
+}
+
+
+def recorder_rows(proj_dim: int) -> list[tuple[str, dict, float | str | None]]:
+    """(row, Recorder keywords, target); norms rows are on top of the default, as a user gets them."""
+    return [("default: losses + logits + param stats", {}, 1.05),
+            ("  losses + logits only", {"param_stats": False}, None),
+            ("  param stats every step", {"param_stats_every": 1}, None),
+            ("+ exact per-example norms", {"grad_norms": True}, "norms"),
+            (f"+ norms + {proj_dim}-dim projections", {"grad_norms": True, "grad_projection": proj_dim}, "proj"),
+            (f"+ norms + {proj_dim}-dim projections + exact Gram",
+             {"grad_norms": True, "grad_projection": proj_dim, "grad_gram": True}, "gram"),
+            ]
 
 
 class Variant:
-    def __init__(self, name, base, tmp, rec_kwargs=None):
-        self.name = name
-        self.model = copy.deepcopy(base)
+    """One configuration: its own model copy and optimizer; recorder if `kwargs` is given."""
+
+    def __init__(self, name, base, device, tmp, kwargs=None, target=None):
+        self.name, self.target, self.device = name, target, device
+        self.model = copy.deepcopy(base).to(device)
         self.opt = torch.optim.SGD(self.model.parameters(), lr=0.01, momentum=0.9)
         self.rec = None
-        if rec_kwargs is not None:
-            self.rec = Recorder(Path(tmp) / f"{name}.zarr", self.model, num_classes=10,
-                                num_examples=N_EXAMPLES, optimizer=self.opt, chunk_steps=8,
-                                **rec_kwargs).open()
-        self.wall, self.cpu, self.thread, self.steps = [], [], [], 0
+        if kwargs is not None:
+            self.rec = Recorder(Path(tmp) / f"run{next(_STORES)}.zarr", self.model, num_classes=10,
+                                num_examples=N_EXAMPLES, optimizer=self.opt, chunk_steps=8, **kwargs).open()
+        self.wall, self.thread, self.proc, self.t = [], [], [], 0
+        self.rounds: list[tuple[float, float, float]] = []
 
-    def step(self, x, y, ids):
-        m, opt = self.model, self.opt
+    def end_round(self, k):
+        """Mean step time of the round's last k steps: whole cadence periods, so the steps
+        that take the statistics are counted at their real share (a median would drop them)."""
+        self.rounds.append(tuple(sum(a[-k:]) / k for a in (self.wall, self.thread, self.proc)))
+
+    def run(self, x, y):
         if self.rec is None:
-            losses = F.cross_entropy(m(x), y, reduction="none")
-            losses.mean().backward()
+            F.cross_entropy(self.model(x), y, reduction="none").mean().backward()
         else:
+            ids = (torch.arange(len(y)) + self.t * len(y)) % N_EXAMPLES
             with self.rec.step(example_ids=ids, targets=y) as st:
-                logits = m(x)
+                logits = self.model(x)
                 losses = F.cross_entropy(logits, y, reduction="none")
                 st.record(losses=losses, logits=logits)
                 losses.mean().backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-
-    def timed(self, x, y, ids):
-        w0, c0, t0 = time.perf_counter(), time.process_time(), time.thread_time()
-        self.step(x, y, ids)
-        self.wall.append(time.perf_counter() - w0)
-        self.cpu.append(time.process_time() - c0)
-        self.thread.append(time.thread_time() - t0)
-
-
-class LoopVariant(Variant):
-    """Per-example gradients by B separate backward passes; norms from them."""
-
-    def step(self, x, y, ids):
-        params = [p for p in self.model.parameters() if p.requires_grad]
-        total = [torch.zeros_like(p) for p in params]
-        norms = torch.empty(len(y))
-        for i in range(len(y)):
-            loss = F.cross_entropy(self.model(x[i:i + 1]), y[i:i + 1])
-            gs = torch.autograd.grad(loss, params)
-            norms[i] = torch.sqrt(sum(g.square().sum() for g in gs))
-            for t, g in zip(total, gs):
-                t.add_(g, alpha=1.0 / len(y))
-        for p, t in zip(params, total):
-            p.grad = t
+        self.t += 1
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
 
+    def timed(self, x, y):
+        cuda = self.device.type == "cuda"
+        if cuda:
+            torch.cuda.synchronize()
+        w, c, p = time.perf_counter(), time.thread_time(), time.process_time()
+        self.run(x, y)
+        if cuda:
+            torch.cuda.synchronize()
+        self.wall.append(time.perf_counter() - w)
+        self.thread.append(time.thread_time() - c)
+        self.proc.append(time.process_time() - p)
 
-class VmapVariant(Variant):
-    """torch.func per-example gradients (B x P) + norms + a dense Gaussian projection."""
+    def close(self):
+        if self.rec is not None:
+            self.rec.close()
 
-    def __init__(self, *a, dense_dim=512, **kw):
+
+class Vmap(Variant):
+    """torch.func: per-example gradients (B x P materialised), their norms, the mean step."""
+
+    def __init__(self, *a, **kw):
         super().__init__(*a, **kw)
         from torch.func import functional_call, grad, vmap
-        self.names = [n for n, p in self.model.named_parameters() if p.requires_grad]
-        P = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
-        g = torch.Generator().manual_seed(0)
-        self.dense = torch.randn(P, dense_dim, generator=g) / dense_dim ** 0.5 if dense_dim else None
         model = self.model
+        buffers = dict(model.named_buffers())
 
         def f(params, xi, yi):
-            return F.cross_entropy(functional_call(model, params, (xi[None],)), yi[None])
+            return F.cross_entropy(functional_call(model, (params, buffers), (xi[None],)), yi[None])
 
         self.per_example = vmap(grad(f), in_dims=(None, 0, 0))
 
-    def step(self, x, y, ids):
-        params = {n: p.detach() for n, p in self.model.named_parameters() if p.requires_grad}
+    def run(self, x, y):
+        params = {n: p.detach() for n, p in self.model.named_parameters()}
         grads = self.per_example(params, x, y)
-        flat = torch.cat([grads[n].flatten(1) for n in self.names], 1)  # (B, P)
-        flat.norm(dim=1)
-        if self.dense is not None:
-            flat @ self.dense
+        torch.cat([g.flatten(1) for g in grads.values()], 1).norm(dim=1)
         for n, p in self.model.named_parameters():
-            if p.requires_grad:
-                p.grad = grads[n].mean(0)
+            p.grad = grads[n].mean(0)
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
 
 
-def raw_write_rate(nbytes: int, tmp: str) -> float:
-    """Bytes/s of one sequential write of `nbytes` (page cache, no fsync, like zarr)."""
-    buf = os.urandom(1 << 20) * 16  # 16 MiB blocks
-    path = Path(tmp) / "raw.bin"
-    t0 = time.perf_counter()
-    with open(path, "wb") as fh:
-        left = nbytes
-        while left > 0:
-            fh.write(buf[: min(left, len(buf))])
-            left -= len(buf)
-    dt = time.perf_counter() - t0
-    path.unlink()
-    return nbytes / dt
+class BackPACK(Variant):
+    """BackPACK BatchL2Grad: per-example squared gradient norms per parameter."""
+
+    def __init__(self, *a, **kw):
+        super().__init__(*a, **kw)
+        from backpack import extend
+        self.model = extend(self.model, use_converter=True)
+        self.opt = torch.optim.SGD(self.model.parameters(), lr=0.01, momentum=0.9)
+        self.loss = extend(nn.CrossEntropyLoss())
+
+    def run(self, x, y):
+        from backpack import backpack
+        from backpack.extensions import BatchL2Grad
+        with backpack(BatchL2Grad()):
+            self.loss(self.model(x), y).backward()
+        sum(p.batch_l2 for p in self.model.parameters() if hasattr(p, "batch_l2")).sqrt()
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
 
 
-def writer_throughput(tmp: str, B: int, proj_dim: int, rows: int):
-    """Push `rows` ready-made train rows (what a recorded step hands over) through a
-    Recorder's writer; returns (bytes, wall seconds incl. the final flush, writer busy s)."""
-    model = build_model("cnn", 10, (3, 32, 32))
-    rec = Recorder(Path(tmp) / "writer.zarr", model, num_classes=10, num_examples=N_EXAMPLES,
-                   chunk_steps=64, grad_norms=True, grad_projection=proj_dim, param_stats=False).open()
-    n_layers = len(rec.extensions[0].layers)
-    g = torch.Generator().manual_seed(0)
-    rows_data = []
-    for i in range(8):  # distinct content, recycled
-        rows_data.append({
-            "example_id": torch.arange(B) + i * B, "target": torch.randint(0, 10, (B,), generator=g),
-            "loss": torch.rand(B, generator=g), "logits": torch.randn(B, 10, generator=g),
-            "grad_norm": torch.rand(B, generator=g), "grad_norm_layer": torch.rand(B, n_layers, generator=g),
-            "grad_proj": torch.randn(B, rec.extensions[0].proj_total, generator=g).half()})
-    w = rec.writer
-    b0, s0 = w.bytes_written, w.write_seconds
-    t0 = time.perf_counter()
-    for i in range(rows):
-        row = dict(rows_data[i % 8], epoch=0, optimizer_step=i, lr=0.01, batch_loss=1.0,
-                   batch_size=B, wall_time=float(i))
-        w.append("train", row)
-    w.flush()
-    wall = time.perf_counter() - t0
-    out = (w.bytes_written - b0, wall, w.write_seconds - s0)
-    rec.close()
-    return out
+class Opacus(Variant):
+    """Opacus GradSampleModule: per-example gradients (grad_sample), their norms."""
+
+    def __init__(self, *a, **kw):
+        super().__init__(*a, **kw)
+        from opacus import GradSampleModule
+        self.model = GradSampleModule(self.model)
+        self.opt = torch.optim.SGD(self.model.parameters(), lr=0.01, momentum=0.9)
+
+    def run(self, x, y):
+        F.cross_entropy(self.model(x), y).backward()
+        gs = [p.grad_sample.flatten(1) for p in self.model.parameters() if getattr(p, "grad_sample", None) is not None]
+        torch.cat(gs, 1).norm(dim=1)
+        for p in self.model.parameters():
+            p.grad_sample = None
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+
+
+PEERS = [("peer: BackPACK BatchL2Grad", BackPACK), ("peer: Opacus GradSampleModule", Opacus),
+         ("peer: torch.func vmap norms", Vmap)]
+
+
+def build(name, cls, base, device, tmp, notes, **kw):
+    """A variant, or None with a note when its package is missing or the model unsupported."""
+    try:
+        v = cls(name, base, device, tmp, **kw)
+        g = torch.Generator().manual_seed(0)
+        _, B, make, _ = MODELS[notes["model"]]
+        v.run(make(B, g).to(device), torch.randint(0, 10, (B,), generator=g).to(device))  # warm-up
+        return v
+    except ImportError as e:
+        notes.setdefault("lines", []).append(f"{name}: not installed ({e.name}); pip install -e .[bench]")
+    except Exception as e:  # noqa: BLE001 - a peer that cannot run this model is reported, not fatal
+        notes.setdefault("lines", []).append(f"{name}: cannot run this model ({type(e).__name__}: "
+                                             f"{str(e).splitlines()[0][:120]})")
+    return None
+
+
+def measure(model_name, args, device, tmp, peers=True):
+    builder, B, make, (t_norms, t_proj) = MODELS[model_name]
+    B = args.batch.get(model_name, B)
+    torch.manual_seed(0)
+    base = builder()
+    notes = {"model": model_name}
+    # the Gram's target is the CNN's only (issue target: 1.35x on the seed CNN)
+    targets = {"norms": t_norms, "proj": t_proj, "gram": 1.35 if model_name == "cnn" else None}
+    variants = [build("plain step", Variant, base, device, tmp, notes)]
+    for name, kw, target in recorder_rows(args.proj_dim):
+        v = build(name, Variant, base, device, tmp, notes, kwargs=kw,
+                  target=targets.get(target, target) if isinstance(target, str) else target)
+        variants.append(v)
+    if peers:
+        variants += [build(name, cls, base, device, tmp, notes) for name, cls in PEERS]
+    variants = [v for v in variants if v is not None]
+    g = torch.Generator().manual_seed(1)
+    batches = [(make(B, g).to(device), torch.randint(0, 10, (B,), generator=g).to(device)) for _ in range(4)]
+    for r in range(args.rounds):
+        for v in variants[r % len(variants):] + variants[:r % len(variants)]:   # rotate the order
+            k = args.peer_steps if v.name.startswith("peer") else args.steps
+            for s in range(k):
+                v.timed(*batches[(r + s) % len(batches)])
+            v.end_round(k)
+    for v in variants:
+        v.close()
+    n_params = sum(p.numel() for p in base.parameters())
+    return variants, notes.get("lines", []), n_params, B
+
+
+def table(variants, title, unit="ms"):
+    scale = 1e3 if unit == "ms" else 1e6
+    ref = [statistics.median(a) for a in zip(*variants[0].rounds)]
+    print(title)
+    print(f"| variant | wall {unit} | ratio | train-thread CPU {unit} | ratio | process CPU {unit} | ratio | target |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+    for v in variants:
+        m = [statistics.median(a) for a in zip(*v.rounds)]
+        cells = " | ".join(f"{x * scale:.1f} | {x / r:.2f}" for x, r in zip(m, ref))
+        tgt = f"≤ {v.target:.2f}" if v.target else ""
+        print(f"| {v.name} | {cells} | {tgt} |")
+
+
+def fixed_cost(args, device, tmp):
+    """Per-step cost on a tiny MLP, where the step itself is ~0.1 ms: mean over many steps."""
+    rows = [("plain step", None), ("default: losses + logits + param stats", {}),
+            ("  losses + logits only", {"param_stats": False}),
+            ("  param stats every step", {"param_stats_every": 1}),
+            ("+ exact per-example norms", {"grad_norms": True})]
+    torch.manual_seed(0)
+    base = MLP()
+    vs = [Variant(n, base, device, tmp, kw) for n, kw in rows]
+    g = torch.Generator().manual_seed(2)
+    x, y = torch.randn(64, 32, generator=g).to(device), torch.randint(0, 10, (64,), generator=g).to(device)
+    for _ in range(20):
+        for v in vs:
+            v.run(x, y)
+    for _ in range(args.mlp_steps // 10):
+        for v in vs:
+            for _ in range(10):
+                v.timed(x, y)
+    for v in vs:
+        v.close()
+    plain = statistics.mean(vs[0].thread if device.type == "cpu" else vs[0].wall)
+    print(f"\n## fixed per-step cost: tiny MLP (32-64-10, batch 64), {args.mlp_steps} interleaved steps, "
+          f"means; target ≤ 1000 µs over a plain step")
+    print("| variant | µs per step | over plain, µs | ratio |")
+    print("| --- | --- | --- | --- |")
+    for v in vs:
+        t = statistics.mean(v.thread if device.type == "cpu" else v.wall)
+        print(f"| {v.name} | {t * 1e6:.0f} | {(t - plain) * 1e6:.0f} | {t / plain:.2f} |")
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--batch", type=int, default=128)
+    ap.add_argument("--models", default="cnn,resnet18,transformer")
+    ap.add_argument("--device", default="cpu")
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--rounds", type=int, default=8, help="interleaved rounds")
-    ap.add_argument("--steps", type=int, default=3, help="timed steps per variant per round")
-    ap.add_argument("--baseline-steps", type=int, default=2, help="steps for loop / vmap baselines")
+    ap.add_argument("--rounds", type=int, default=4, help="interleaved rounds (medians over rounds)")
+    ap.add_argument("--steps", type=int, default=10,
+                    help="timed steps per variant per round (a multiple of the param-stats cadence)")
+    ap.add_argument("--peer-steps", type=int, default=2, help="timed steps per peer per round")
     ap.add_argument("--proj-dim", type=int, default=1024)
-    ap.add_argument("--dense-dim", type=int, default=512, help="vmap baseline's dense projection")
-    ap.add_argument("--no-baselines", action="store_true")
-    ap.add_argument("--writer-rows", type=int, default=512, help="rows for the writer throughput")
+    ap.add_argument("--batch", default="", help="per-model batch override, e.g. cnn=64,resnet18=16")
+    ap.add_argument("--no-peers", action="store_true", help="skip BackPACK / Opacus / vmap")
+    ap.add_argument("--mlp-steps", type=int, default=500, help="0 skips the fixed-cost table")
     args = ap.parse_args(argv)
-    warnings.filterwarnings("ignore", message=".*does not have a Zarr V3 specification.*")
+    args.batch = {k: int(v) for k, v in (kv.split("=") for kv in args.batch.split(",") if kv)}
+    warnings.filterwarnings("ignore")
     torch.set_num_threads(args.threads)
-    torch.manual_seed(0)
-    base = build_model("cnn", 10, (3, 32, 32))
-    n_params = sum(p.numel() for p in base.parameters())
-    B = args.batch
+    device = torch.device(args.device)
+    print(f"# torch {torch.__version__}, device {device}"
+          f"{' (' + torch.cuda.get_device_name(device) + ')' if device.type == 'cuda' else ''}, "
+          f"torch threads {args.threads}; {args.rounds} interleaved rounds x {args.steps} steps "
+          f"({args.peer_steps} for peers); median over rounds of each round's mean step")
+    print(f"# load average at start: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
     with tempfile.TemporaryDirectory(prefix="dynascope-bench-") as tmp:
-        variants = [Variant("plain", base, tmp),
-                    Variant("rec_losses_logits", base, tmp, {"param_stats": False}),
-                    Variant("rec_norms", base, tmp, {"grad_norms": True, "param_stats": False}),
-                    Variant("rec_norms_proj", base, tmp, {"grad_norms": True, "grad_projection": args.proj_dim,
-                                                          "param_stats": False}),
-                    # the same two with the fused conv backward switched off (the pre-fusion path)
-                    Variant("rec_norms_unfused", base, tmp, {"grad_norms": True, "grad_fused": False,
-                                                             "param_stats": False}),
-                    Variant("rec_norms_proj_unfused", base, tmp, {"grad_norms": True, "grad_fused": False,
-                                                                  "grad_projection": args.proj_dim,
-                                                                  "param_stats": False}),
-                    Variant("rec_proj_only", base, tmp, {"grad_norms": False, "grad_projection": args.proj_dim,
-                                                         "param_stats": False}),
-                    # the Recorder's default: losses + logits + per-parameter statistics (issue 7)
-                    Variant("rec_default_params", base, tmp, {})]
-        baselines = [] if args.no_baselines else [
-            LoopVariant("per_example_loop", base, tmp),
-            VmapVariant("vmap_norms", base, tmp, dense_dim=0),
-            VmapVariant(f"vmap_dense_proj{args.dense_dim}", base, tmp, dense_dim=args.dense_dim)]
-        step = 0
-        for v in variants + baselines:  # warm-up (allocations, first chunk creation)
-            v.step(*make_batch(step, B))
-        blocked0 = {v.name: v.rec.writer_blocked_seconds for v in variants if v.rec is not None}
-        for r in range(args.rounds):
-            for v in variants:
-                for _ in range(args.steps):
-                    step += 1
-                    v.timed(*make_batch(step, B))
-            if baselines and r < args.baseline_steps:  # a few, interleaved with the rest
-                for v in baselines:
-                    step += 1
-                    v.timed(*make_batch(step, B))
-        writer_stats = {}
-        for v in variants:
-            if v.rec is not None:
-                w = v.rec.writer
-                blocked = v.rec.writer_blocked_seconds - blocked0[v.name]
-                v.rec.close()
-                writer_stats[v.name] = (blocked, w.bytes_written, w.write_seconds)
-        plain = statistics.median(variants[0].wall)
-        plain_cpu = statistics.median(variants[0].cpu)
-        plain_thr = statistics.median(variants[0].thread)
-        print(f"# seed CNN ({n_params:,} params), batch {B}, CPU, torch threads {args.threads}, "
-              f"torch {torch.__version__}")
-        print(f"# {args.rounds} interleaved rounds x {args.steps} steps; medians; "
-              f"load average {os.getloadavg()[0]:.2f} at the end")
-        print("# wall: elapsed; process cpu: all threads (torch workers incl. spin-waits, writer);")
-        print("# train-thread cpu: the training thread alone = all torch compute when --threads 1")
-        print(f"{'variant':24s} {'wall ms':>8s} {'ratio':>6s} {'proc cpu ms':>11s} {'ratio':>6s} "
-              f"{'train-thread cpu ms':>19s} {'ratio':>6s}")
-        for v in variants + baselines:
-            w, c, t = (statistics.median(a) for a in (v.wall, v.cpu, v.thread))
-            print(f"{v.name:24s} {w * 1e3:8.1f} {w / plain:6.2f} {c * 1e3:11.1f} {c / plain_cpu:6.2f} "
-                  f"{t * 1e3:19.1f} {t / plain_thr:6.2f}")
-        print()
-        nbytes, wall, busy = writer_throughput(tmp, B, args.proj_dim, args.writer_rows)
-        raw = raw_write_rate(nbytes, tmp)
-        print(f"writer: {args.writer_rows} train rows ({nbytes / 1e6:.0f} MB uncompressed) in "
-              f"{wall:.2f} s = {nbytes / wall / 1e6:.0f} MB/s (writer thread busy {busy:.2f} s = "
-              f"{nbytes / max(busy, 1e-9) / 1e6:.0f} MB/s); raw sequential write of the same bytes "
-              f"{raw / 1e6:.0f} MB/s; ratio {nbytes / wall / raw:.3f}")
-        for v in variants[1:]:
-            blocked = writer_stats[v.name][0]
-            share = blocked / max(sum(v.wall), 1e-9)
-            print(f"{v.name:28s} blocked on writer {blocked * 1e3:7.2f} ms = {100 * share:.2f}% "
-                  f"of its {len(v.wall)} timed steps")
+        for name in [m for m in args.models.split(",") if m]:
+            variants, notes, n_params, B = measure(name, args, device, tmp, peers=not args.no_peers)
+            print()
+            table(variants, f"## {name} ({n_params:,} parameters), batch {B}")
+            for line in notes:
+                print(f"- {line}")
+            print(f"- load average now: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
+        if args.mlp_steps:
+            fixed_cost(args, device, tmp)
+    print(f"\n# load average at end: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
 
 
 if __name__ == "__main__":

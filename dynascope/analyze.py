@@ -64,10 +64,22 @@ def check_names(only, per: dict) -> None:
                 raise ValueError(unknown_message(f"parameter of {name}", key, known))
 
 
-def run_analyses(path, only=(), save=False, params=(), echo=print) -> dict:
+def run_analyses(path, only=(), save=False, params=(), echo=print, scheduler=None,
+                 storage_options=None) -> dict:
+    """`scheduler`: address of the user's dask.distributed scheduler to compute on (None:
+    dask's default threads in this process; no cluster is ever started here)."""
+    from analysis.cluster import scheduler as dask_scheduler
+
+    with dask_scheduler(scheduler) as client:
+        if client is not None:
+            echo(f"dask scheduler: {scheduler} ({len(client.scheduler_info().get('workers', {}))} workers)")
+        return _run_analyses(path, only, save, params, echo, storage_options)
+
+
+def _run_analyses(path, only, save, params, echo, storage_options) -> dict:
     from analysis import ANALYSES, open_run, parameters, save_result
 
-    run = open_run(path)
+    run = open_run(path, storage_options=storage_options)
     per = parse_params(params)
     check_names(only, per)
     for line in summary_lines(run):
@@ -90,5 +102,5 @@ def run_analyses(path, only=(), save=False, params=(), echo=print) -> dict:
         if entry.summary is not None:
             echo(f"  {'':<20} → {entry.summary(result)}")
         if save:
-            echo(f"  {'':<20} saved to {save_result(path, name, result, per.get(name, {}))}")
+            echo(f"  {'':<20} saved to {save_result(run.path, name, result, per.get(name, {}))}")
     return results

@@ -58,8 +58,9 @@ def _record_options(func):
         click.option("--probe-size", default=500, type=click.IntRange(min=1), help="Tracked training examples."),
         click.option("--probe-every", default=0, type=click.IntRange(min=0), help="Steps between probes; 0 = each epoch."),
         click.option("--grad-norms/--no-grad-norms", default=False, help="Exact per-example gradient norms."),
-        click.option("--grad-proj-dim", default=0, type=click.IntRange(min=0), help="Per-example gradient projection dims (0 = off)."),
-        click.option("--grad-seed", default=0, type=int, help="Seed of the projection matrices."),
+        click.option("--grad-proj-dim", default=0, type=click.IntRange(min=0), help="Size K of the per-example gradient sketch (0 = off)."),
+        click.option("--grad-gram/--no-grad-gram", default=False, help="Exact in-batch gradient Gram per training step."),
+        click.option("--grad-seed", default=0, type=int, help="Seed of the sketch's hashes."),
         click.option("--grad-layers", default=None, help="Modules to cover (names or fnmatch patterns, comma-separated)."),
         click.option("--param-stats/--no-param-stats", default=True, help="Per-step gradient/update statistics."),
         click.option("--snapshot-params", default=None, help="Raw gradient/weight snapshots: parameter names or 'all'."),
@@ -121,14 +122,24 @@ def info(run_path, as_json):
 @click.option("--opposing", is_flag=True,
               help="Opposing-signal analyses only (docs/OPPOSING.md); tune with --param, "
                    "e.g. opposing_pairs.cos_threshold=-0.6 or opposing_groups.similarity=0.7.")
+@click.option("--scheduler", default=None, metavar="ADDRESS",
+              help="Compute on this running dask.distributed scheduler (e.g. tcp://10.0.0.5:8786); "
+                   "default: threads in this process. No cluster is started (docs/SCALE.md).")
+@click.option("--storage-options", default=None, metavar="JSON",
+              help='fsspec options for a URL run path, e.g. \'{"anon": true}\' (docs/SCALE.md).')
 @user_errors
-def analyze(run_path, only, save, params, opposing):
+def analyze(run_path, only, save, params, opposing, scheduler, storage_options):
     """Print a summary of a run and (optionally) save analysis results."""
     from .analyze import run_analyses
 
     if opposing:
         only = tuple(only) + ("opposing_pairs", "majority_opposition", "opposing_groups")
-    run_analyses(run_path, only=only, save=save, params=params, echo=click.echo)
+    try:
+        options = json.loads(storage_options) if storage_options else None
+    except json.JSONDecodeError as e:
+        raise click.BadParameter(f"not valid JSON ({e})", param_hint="--storage-options") from None
+    run_analyses(run_path, only=only, save=save, params=params, echo=click.echo, scheduler=scheduler,
+                 storage_options=options)
 
 
 # -- figures / report / list ------------------------------------------------------------

@@ -144,7 +144,12 @@ def opposing_gradient_norms(run: Run, **params):
     r = analysis.opposing_pairs(run, **params)
     p = run.probe
     has_exact = "grad_norm" in p
-    norms = (p["grad_norm"] if has_exact else (p["grad_proj"].astype("float32") ** 2).sum("proj") ** 0.5).values
+    if has_exact:
+        norms = p["grad_norm"].values
+    elif "grad_proj_scale" in p:  # the sketch is stored as unit rows times this norm
+        norms = p["grad_proj_scale"].values
+    else:
+        norms = ((p["grad_proj"].astype("float32") ** 2).sum("proj") ** 0.5).values
     in_pair = np.zeros(norms.shape, bool)
     pos = {int(e): i for i, e in enumerate(p["example_id"].values)}
     for t, a, b in zip(r["at_probe"].values, r["example_a"].values, r["example_b"].values):

@@ -42,6 +42,7 @@ class TrainConfig:
     probe_every: int = 0              # steps between probe passes; 0 = once per epoch
     grad_norms: bool = False
     grad_proj_dim: int = 0            # 0 = no projections
+    grad_gram: bool = False           # exact in-batch gradient Gram per training step
     grad_seed: int = 0
     grad_layers: str | None = None    # comma-separated module names / fnmatch patterns
     param_stats: bool = True
@@ -101,9 +102,10 @@ def _extension_options(cfg: TrainConfig) -> dict:
         snap = _split(cfg.snapshot_params)
         options.update(snapshot_params="all" if snap == ["all"] else snap,
                        snapshot_every=cfg.snapshot_every or 1)
-    if cfg.grad_norms or cfg.grad_proj_dim:
+    if cfg.grad_norms or cfg.grad_proj_dim or cfg.grad_gram:
         options.update(grad_norms=cfg.grad_norms, grad_projection=cfg.grad_proj_dim or None,
-                       grad_seed=cfg.grad_seed, grad_layers=_split(cfg.grad_layers) or None)
+                       grad_gram=cfg.grad_gram, grad_seed=cfg.grad_seed,
+                       grad_layers=_split(cfg.grad_layers) or None)
     if cfg.activations:
         options.update(activations=_split(cfg.activations), activation_pool=cfg.activation_pool,
                        activation_max_units=cfg.activation_max_units)

@@ -15,7 +15,9 @@ KEYWORDS = {
     "grad_seed": ("gradients", "recorder.gradients", "seed"),
     "grad_layers": ("gradients", "recorder.gradients", "layers"),
     "grad_fused": ("gradients", "recorder.gradients", "fused"),
+    "grad_gram": ("gradients", "recorder.gradients", "gram"),
     "param_stats": ("params", "recorder.params", None),
+    "param_stats_every": ("params", "recorder.params", "every"),
     "snapshot_params": ("params", "recorder.params", "snapshot_params"),
     "snapshot_every": ("params", "recorder.params", "snapshot_every"),
     "activations": ("activations", "recorder.activations", "layers"),
@@ -24,7 +26,7 @@ KEYWORDS = {
     "activation_dtype": ("activations", "recorder.activations", "dtype"),
 }
 # an extension is built when its enabling keyword is truthy
-ENABLING = {"gradients": ("grad_norms", "grad_projection"), "params": ("param_stats",),
+ENABLING = {"gradients": ("grad_norms", "grad_projection", "grad_gram"), "params": ("param_stats",),
             "activations": ("activations",)}
 # constructor arguments the keywords imply when omitted (asking for norms only must not
 # switch projections on), and keyword defaults: parameter statistics are cheap, so on

@@ -22,6 +22,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from dynascope import storage
+
+from . import distributed
 from . import store as store_mod
 from .extensions import ArraySpec, BatchContext, Extension
 from .validation import check_example_ids, check_logits, check_losses, check_targets
@@ -38,13 +41,16 @@ class Recorder:
                  config: dict | None = None, overwrite: bool = False, chunk_steps: int = 64,
                  expected_steps: int | None = None, loss_fn=None, extensions: list[Extension] = (),
                  dataset_info: dict | None = None, model_info: dict | None = None,
-                 **extension_options):
+                 storage_options: dict | None = None, **extension_options):
         if num_classes is not None and (int(num_classes) != num_classes or num_classes < 1):
             raise ValueError(f"num_classes must be a positive integer, got {num_classes!r}")
         if num_examples is not None and (int(num_examples) != num_examples or num_examples < 1):
             raise ValueError(f"num_examples must be a positive integer, got {num_examples!r}")
-        self.path = Path(path)
-        self.model = model
+        loc = storage.location(path, storage_options)   # a local Path, or an fsspec URL
+        self.path = loc.local if loc.local is not None else loc
+        self.storage_options = storage_options
+        self.rank = distributed.current()
+        self.model = distributed.unwrap(model)   # hooks and probe passes use the module inside DDP
         self.optimizer = optimizer
         self.num_classes = None if num_classes is None else int(num_classes)
         self.num_examples = None if num_examples is None else int(num_examples)
@@ -53,6 +59,8 @@ class Recorder:
         self.chunk_steps = int(chunk_steps)
         self.expected_steps = expected_steps
         self.loss_fn = loss_fn or (_classification_loss if self.num_classes else _regression_loss)
+        if not self.rank.is_main:   # parameters are the same on every rank: rank 0 records them
+            extension_options.setdefault("param_stats", False)
         self.extensions: list[Extension] = list(extensions) + store_mod.build_extensions(extension_options, extensions)
         self.dataset_info = dict(dataset_info or {})
         self.model_info = dict(model_info or {})
@@ -79,7 +87,9 @@ class Recorder:
         return False
 
     def open(self) -> "Recorder":
-        root = store_mod.create_store(self.path, overwrite=self.overwrite, attrs=self._root_attrs())
+        root = distributed.after_main(self.rank, lambda: store_mod.create_store(
+            distributed.rank_path(self.path, self.rank), overwrite=self.overwrite,
+            attrs={**self._root_attrs(), **distributed.root_attrs(self.rank)}, storage_options=self.storage_options))
         self._writer = ChunkWriter(root, committed={g: 0 for g, _, _ in store_mod.ROW_GROUPS}, expected_rows={"train": self.expected_steps or 0,
                                                                      "params": self.expected_steps or 0})
         for name, row_dim, chunk in store_mod.ROW_GROUPS:
@@ -146,7 +156,7 @@ class Recorder:
         finally:
             self._writer = None
         if status == "complete":
-            store_mod.consolidate(self.path)
+            store_mod.consolidate(distributed.rank_path(self.path, self.rank), self.storage_options)
 
     @property
     def writer(self) -> ChunkWriter:
@@ -178,7 +188,8 @@ class Recorder:
             targets = check_targets(targets, len(ids), self.num_classes)
         if epoch is None:
             epoch = self.epoch if self.epoch is not None else (
-                self.examples_seen // self.num_examples if self.num_examples else 0)
+                self.examples_seen // distributed.examples_per_epoch(self.num_examples, self.rank)
+                if self.num_examples else 0)
         return StepContext(self, ids, targets, int(epoch))
 
     def _count_optimizer_step(self, *args, **kwargs) -> None:
@@ -199,6 +210,8 @@ class Recorder:
         self._pass("eval", loader, loss_fn or self.loss_fn)
 
     def _pass(self, kind: str, loader, loss_fn) -> None:
+        if not self.rank.is_main:   # rank 0 probes and evaluates; the same script runs everywhere
+            return
         writer = self.writer
         groups = PASS_GROUPS[kind]
         active = [e for e in self.extensions if any(s.group in groups for s in e.specs())]

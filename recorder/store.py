@@ -13,6 +13,8 @@ from pathlib import Path
 
 import zarr
 
+from dynascope import storage
+
 from .extensions import EXTENSIONS, ArraySpec, Extension
 
 SCHEMA_VERSION = 1
@@ -71,9 +73,15 @@ def _describe_existing(path: Path) -> str:
     return "a directory" if path.is_dir() else "a file"
 
 
-def create_store(path: Path, overwrite: bool, attrs: dict) -> zarr.Group:
+def create_store(path: Path, overwrite: bool, attrs: dict, storage_options: dict | None = None) -> zarr.Group:
     """Create an empty run store; refuse to touch an existing path unless `overwrite`."""
-    path = Path(path)
+    loc = storage.location(path, storage_options)
+    if loc.is_remote:
+        root = storage.create_remote(loc, overwrite, StoreExistsError)
+        root.attrs.update({"dynascope": {"schema_version": SCHEMA_VERSION}, "status": "recording",
+                           "committed": {}, "created": now(), "versions": versions(), **attrs})
+        return root
+    path = loc.local
     if path.exists():
         what = _describe_existing(path)
         if not overwrite:
@@ -125,7 +133,7 @@ def build_extensions(options: dict, given=()) -> list[Extension]:
     return extension_options.build(options, EXTENSIONS, given)
 
 
-def consolidate(path: Path) -> None:
+def consolidate(path: Path, storage_options: dict | None = None) -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        zarr.consolidate_metadata(str(path))
+        zarr.consolidate_metadata(storage.location(path, storage_options).zarr_store())

@@ -42,7 +42,7 @@ def planted_noisy_run(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def opposing_runs(tmp_path_factory):
-    """Two `planted` runs with exact gradient norms and 256-d projections at a probe pass
+    """Two `planted` runs with exact gradient norms, the in-batch Gram and 256-d sketches at a probe pass
     every 4 steps (5 epochs, 1000 train examples): one with the planted opposing signal
     (10% of examples, classes 0 and 1), one control without it (planted_fraction=0)."""
     from recorder.driver import TrainConfig, record_run
@@ -52,7 +52,8 @@ def opposing_runs(tmp_path_factory):
     for name, fraction in (("planted", 0.1), ("control", 0.0)):
         cfg = TrainConfig(dataset="planted", model="cnn", epochs=5, out=str(base / f"{name}.zarr"),
                           batch_size=64, probe_size=300, probe_every=4, train_size=1000, test_size=100,
-                          chunk_steps=16, seed=1, grad_norms=True, grad_proj_dim=256, param_stats=False,
+                          chunk_steps=16, seed=1, grad_norms=True, grad_proj_dim=256, grad_gram=True,
+                          param_stats=False,
                           dataset_options={"planted_fraction": fraction, "label_noise": 0.1})
         runs[name] = record_run(cfg, progress=False)
     return runs

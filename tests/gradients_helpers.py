@@ -1,6 +1,6 @@
 """Shared helpers for the gradient tests: drive GradientExtension by hand (no store) and
-compute the brute-force reference with torch.func (vmap of grad) projected with the same
-matrices."""
+compute the brute-force reference with torch.func (vmap of grad), sketched by scattering
+every entry of the explicit per-example gradients (projection.sketch_reference)."""
 from __future__ import annotations
 
 import torch
@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch.func import functional_call, grad, vmap
 
 from recorder.extensions import BatchContext
-from recorder.gradients import GradientExtension, projection_matrices
+from recorder.gradients import GradientExtension, sketch_reference
 
 
 def ce(out, y):
@@ -32,32 +32,43 @@ def record(model, ext, x, y, loss_fn=ce, reduce="mean", weights=None, kind="trai
     return ext.columns(batch)
 
 
-def reference(model, ext, x, y, loss_fn=ce):
-    """(B, layers) squared norms and (B, proj) projections from vmap per-example grads."""
+def per_example_grads(model, x, y, loss_fn=ce):
+    """{parameter name: (B, *shape)} per-example gradients of each example's own loss."""
     params = {k: v.detach() for k, v in model.named_parameters() if v.requires_grad}
     buffers = dict(model.named_buffers())
 
     def f(p, xi, yi):
         return loss_fn(functional_call(model, (p, buffers), (xi[None],)), yi[None]).sum()
 
-    g = vmap(grad(f), in_dims=(None, 0, 0))(params, x, y)
-    meta = ext.metadata()
-    sq, proj = [], []
+    return vmap(grad(f), in_dims=(None, 0, 0))(params, x, y)
+
+
+def layer_grads(meta, g):
+    """[(layer info, (B, out, in) or (B, n) explicit gradient)] in metadata order."""
+    out = []
     for info in meta["layers"]:
         parts = [g[p] for p in info["params"]]
         B = parts[0].shape[0]
         if info["form"] == "factored":
-            G = torch.cat([t.reshape(B, info["matrix_shape"][0], -1) for t in parts], 2)
-            sq.append(G.square().sum((1, 2)))
-            if info["proj_size"]:
-                m = projection_matrices(meta, info["name"])
-                proj.append(torch.einsum("ko,boi,ji->bkj", m["L"], G, m["R"]).flatten(1))
+            out.append((info, torch.cat([t.reshape(B, info["matrix_shape"][0], -1) for t in parts], 2)))
         else:
-            v = torch.cat([t.reshape(B, -1) for t in parts], 1)
-            sq.append(v.square().sum(1))
-            if info["proj_size"]:
-                proj.append(v @ projection_matrices(meta, info["name"])["P"].t())
-    return torch.stack(sq, 1), (torch.cat(proj, 1) if proj else None)
+            out.append((info, torch.cat([t.reshape(B, -1) for t in parts], 1)))
+    return out
+
+
+def reference(model, ext, x, y, loss_fn=ce, with_gram=False):
+    """(B, layers) squared norms and (B, K) sketch (None without one) from vmap per-example
+    grads; with_gram adds the (B, B) Gram of the covered flat gradients."""
+    meta = ext.metadata()
+    layers = layer_grads(meta, per_example_grads(model, x, y, loss_fn))
+    sq = torch.stack([G.reshape(G.shape[0], -1).square().sum(1) for _, G in layers], 1)
+    proj = None
+    if meta["projection"]["dim"]:
+        proj = sum(sketch_reference(meta, info["name"], G) for info, G in layers)
+    if not with_gram:
+        return sq, proj
+    flat = torch.cat([G.reshape(G.shape[0], -1) for _, G in layers], 1).double()
+    return sq, proj, (flat @ flat.t()).float()
 
 
 def rel_err(a, b):
@@ -66,14 +77,21 @@ def rel_err(a, b):
     return ((a - b).norm(dim=1) / b.norm(dim=1).clamp_min(1e-30)).max().item()
 
 
-def check(model, x, y, loss_fn=ce, reduce="mean", tol=1e-4, **kw):
-    """Record with the extension and compare norms and projections to the reference."""
-    ext = GradientExtension(**kw).attach_model(model)
+def gram_rel_err(a, b):
+    """max |a - b| / max |b| over the Gram (entries near 0 have no relative scale)."""
+    return ((a.double() - b.double()).abs().max() / b.double().abs().max().clamp_min(1e-30)).item()
+
+
+def check(model, x, y, loss_fn=ce, reduce="mean", tol=1e-4, gram=True, **kw):
+    """Record with the extension and compare norms, sketch and Gram to the reference."""
+    ext = GradientExtension(gram=gram, **kw).attach_model(model)
     cols = record(model, ext, x, y, loss_fn, reduce)
-    sq_ref, proj_ref = reference(model, ext, x, y, loss_fn)
+    sq_ref, proj_ref, gram_ref = reference(model, ext, x, y, loss_fn, with_gram=True)
     assert rel_err(cols["grad_norm_layer"].square(), sq_ref) <= tol
     assert rel_err(cols["grad_norm"], sq_ref.sum(1).sqrt()) <= tol
     if proj_ref is not None:
         assert rel_err(cols["grad_proj"], proj_ref) <= tol
+    if gram:
+        assert gram_rel_err(cols["grad_gram"], gram_ref) <= tol
     ext.detach()
     return ext, cols

@@ -23,6 +23,7 @@ class Coords(torch.nn.Module):
 
 def _record(path, model, loss_of, lr, steps, *, optimizer=True, inside=False, epochs_of=None, **ext):
     opt = torch.optim.SGD(model.parameters(), lr=lr) if optimizer else None
+    ext.setdefault("param_stats_every", 1)   # the known answers below are per step
     with Recorder(path, model, num_examples=1, optimizer=opt, **ext) as rec:  # params is on by default
         for t in range(steps):
             with rec.step(example_ids=torch.tensor([0]), epoch=epochs_of(t) if epochs_of else None) as st:
@@ -165,7 +166,7 @@ def test_explicit_extension_wins_over_the_default_one(tmp_path):
 
     model = Coords(w=1.0)
     opt = torch.optim.SGD(model.parameters(), lr=0.25)
-    ext = ParamStatsExtension(snapshot_params=["w"], snapshot_every=3)
+    ext = ParamStatsExtension(snapshot_params=["w"], snapshot_every=3, every=1)
     with Recorder(tmp_path / "x.zarr", model, num_examples=1, optimizer=opt, extensions=[ext]) as rec:
         assert [type(e).__name__ for e in rec.extensions].count("ParamStatsExtension") == 1  # no default twin
         for _ in range(5):
@@ -185,7 +186,7 @@ def test_gradient_accumulation_rows_and_update_norms(tmp_path):
     h, lr = 2.0, 0.25
     model = Coords(w=1.0)
     opt = torch.optim.SGD(model.parameters(), lr=lr)
-    with Recorder(tmp_path / "acc.zarr", model, num_examples=1, optimizer=opt) as rec:
+    with Recorder(tmp_path / "acc.zarr", model, num_examples=1, optimizer=opt, param_stats_every=1) as rec:
         for t in range(6):
             with rec.step(example_ids=torch.tensor([0]), epoch=0) as st:
                 loss = (0.5 * h * model.w ** 2).reshape(1)

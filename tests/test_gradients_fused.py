@@ -119,11 +119,15 @@ def test_overridden_forwards_are_not_fused():
     assert m.conv.__dict__["forward"] is mine and "forward" not in m.conv1d.__dict__
 
 
-def test_not_installed_without_norms_or_when_switched_off():
+def test_installed_for_any_signal_not_when_switched_off():
     m = build()
-    GradientExtension(norms=False, projection_dim=64).attach_model(m)
+    GradientExtension(norms=False, projection_dim=None).attach_model(m)
+    assert "forward" not in m.conv.__dict__  # nothing to compute
     GradientExtension(fused=False).attach_model(m)
     assert "forward" not in m.conv.__dict__
+    ext = GradientExtension(norms=False, projection_dim=64).attach_model(m)
+    assert "forward" in m.conv.__dict__  # the conv sketch comes from per-example G
+    ext.detach()
 
 
 def test_accumulation_over_microbatches(fused_calls):

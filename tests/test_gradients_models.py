@@ -24,14 +24,15 @@ def test_builtin_model_eval_mode_matches_vmap(name, shape, B):
     assert meta["excluded_parameters"] == {}
     assert meta["covered_fraction"] == 1.0
     assert cols["grad_proj"].shape == (B, meta["projection"]["dim"])
-    assert 900 <= meta["projection"]["dim"] <= 1024
+    assert meta["projection"]["dim"] == 1024  # one shared sketch, no per-layer split
 
 
 def test_cnn_default_layout():
     model = build_model("cnn", 10, (3, 32, 32))
     meta = GradientExtension(projection_dim=True).attach_model(model).metadata()
     assert meta["layer_names"] == ["conv1", "conv2", "fc1", "fc2"]
-    assert [l["proj_dims"] for l in meta["layers"]] == [[16, 16], [16, 16], [16, 16], [10, 25]]
+    assert meta["projection"]["dim"] == 1024 and meta["projection"]["kind"] == "count_sketch"
+    assert [l["sketch"] for l in meta["layers"]] == ["tensorsketch"] * 4
     assert meta["batchnorm_train_mode_coupling"] is False
 
 

@@ -8,7 +8,7 @@ import torch.nn as nn
 
 from gradients_helpers import ce, check, record, reference, rel_err
 from recorder.extensions import EXTENSIONS
-from recorder.gradients import GradientExtension, gaussian_matrix
+from recorder.gradients import GradientExtension, hashes, layer_hashes, sketch_reference
 from recorder.gradients.factors import Dense, Factored
 
 torch.set_num_threads(1)
@@ -114,22 +114,23 @@ def test_batchnorm_train_mode_shares_sum_to_batch_gradient():
     m = nn.Sequential(nn.Conv2d(2, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(),
                       nn.Linear(4 * 16, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 3)).train()
     x, y = torch.randn(6, 2, 4, 4), torch.randint(0, 3, (6,))
-    ext = GradientExtension(projection_dim=128).attach_model(m)
+    ext = GradientExtension(projection_dim=128, gram=True).attach_model(m)
     cols = record(m, ext, x, y, reduce="mean")
     meta = ext.metadata()
     assert meta["batchnorm_train_mode_coupling"] is True
     batch = (cols["grad_proj"] / len(y)).sum(0)
-    from recorder.gradients import projection_matrices
-    for info in meta["layers"]:
+    want = 0
+    for info in meta["layers"]:  # the sketch is linear: the shares' sketches sum to the batch's
         grads = [dict(m.named_parameters())[p].grad for p in info["params"]]
-        mats = projection_matrices(meta, info["name"])
         if info["form"] == "factored":
             G = torch.cat([g.reshape(info["matrix_shape"][0], -1) for g in grads], 1)
-            want = (mats["L"] @ G @ mats["R"].t()).flatten()
         else:
-            want = mats["P"] @ torch.cat([g.flatten() for g in grads])
-        got = batch[info["proj_offset"]: info["proj_offset"] + info["proj_size"]]
-        assert rel_err(got[None], want[None]) <= 1e-4, info["name"]
+            G = torch.cat([g.flatten() for g in grads])
+        want = want + sketch_reference(meta, info["name"], G[None])[0]
+    assert rel_err(batch[None], want[None]) <= 1e-4
+    gram = cols["grad_gram"] / len(y) ** 2  # and the Gram's total is the batch gradient's norm^2
+    batch_sq = sum(p.grad.square().sum() for p in m.parameters())
+    assert abs(gram.sum().item() - batch_sq.item()) <= 1e-4 * batch_sq.item()
 
 
 def test_probe_kind_and_eval_kind():
@@ -159,32 +160,34 @@ def test_end_batch_dtypes_and_no_capture_outside_batches():
     assert out["grad_norm"].dtype == torch.float32 and out["grad_norm_layer"].shape == (6, 2)
 
 
-def test_matrices_are_reproducible_and_layer_specific():
-    a = gaussian_matrix(0, "conv1", "L", 4, 9)
-    assert torch.equal(a, gaussian_matrix(0, "conv1", "L", 4, 9))
-    assert not torch.equal(a, gaussian_matrix(0, "conv2", "L", 4, 9))
-    assert not torch.equal(a, gaussian_matrix(1, "conv1", "L", 4, 9))
+def test_hashes_are_reproducible_and_layer_specific():
+    a = hashes(0, "conv1", "L", 50, 64)
+    assert all(torch.equal(u, v) for u, v in zip(a, hashes(0, "conv1", "L", 50, 64)))
+    assert not torch.equal(a[0], hashes(0, "conv2", "L", 50, 64)[0])
+    assert not torch.equal(a[0], hashes(1, "conv1", "L", 50, 64)[0])
+    assert set(a[1].tolist()) == {-1.0, 1.0} and 0 <= a[0].min() and a[0].max() < 64
 
 
-def test_jl_projection_is_unbiased():
-    """Mean over seeds of <L G1 R^T, L G2 R^T> estimates <G1, G2> (and ||G||^2); checked
-    against the sample's own standard error (4 sigma)."""
+def test_sketch_is_unbiased():
+    """Mean over seeds of <S G1, S G2> (TensorSketch from the factors, and a CountSketch of
+    a vector) estimates <G1, G2> and ||G||^2; checked against the sample's own standard
+    error (4 sigma)."""
+    from recorder.gradients.sketch import count_sketch, sketch_calls
     torch.manual_seed(6)
-    out, inn, T = 12, 20, 3
+    out, inn, T, K = 12, 20, 3, 16
     U, V = torch.randn(2, T, out), torch.randn(2, T, inn)
     U[1] += 0.5 * U[0]  # correlated pair: non-zero true inner product
     F = Factored([(Dense(U), Dense(V))], out, inn)
     G = torch.einsum("bto,bti->boi", U, V)
     true_ip, true_sq = (G[0] * G[1]).sum().item(), G[0].square().sum().item()
     ips, sqs, vec_ips = [], [], []
-    g1, g2 = G[0].flatten(), G[1].flatten()
+    g = G.flatten(1)
     for seed in range(400):
-        L, R = gaussian_matrix(seed, "x", "L", 4, out), gaussian_matrix(seed, "x", "R", 8, inn)
-        p = F.project(L, R)
+        p = sketch_calls(F.calls, 2, layer_hashes(seed, "x", "factored", (out, inn), K), K)
         ips.append((p[0] * p[1]).sum().item())
         sqs.append(p[0].square().sum().item())
-        P = gaussian_matrix(seed, "x", "P", 16, out * inn)
-        vec_ips.append(((P @ g1) * (P @ g2)).sum().item())
+        q = count_sketch(g, *layer_hashes(seed, "x", "vector", (out * inn,), K), K)
+        vec_ips.append((q[0] * q[1]).sum().item())
     for samples, truth in ((ips, true_ip), (sqs, true_sq), (vec_ips, true_ip)):
         t = torch.tensor(samples, dtype=torch.float64)
         se = t.std().item() / math.sqrt(len(t))

@@ -47,12 +47,14 @@ def test_bins_match_searchsorted_everywhere():
     np.testing.assert_array_equal(got, _ref_bins(x, e))
 
 
-def test_capture_matches_brute_force_over_steps():
+@pytest.mark.parametrize("block, scatter", [(1 << 22, False), (1, False), (60, False), (60, True)])
+def test_capture_matches_brute_force_over_steps(block, scatter):
+    """Every block layout (one block, one per tensor, mixed) and both histogram paths."""
     rng = np.random.default_rng(1)
     e = hist_edges()
     shapes = [(7, 3, 2, 2), (7,), (5, 11), ()]
     params = [torch.nn.Parameter(torch.zeros(s)) for s in shapes]
-    s = ParamStats(["conv.w", "conv.b", "fc.w", "scalar"], params, e)
+    s = ParamStats(["conv.w", "conv.b", "fc.w", "scalar"], params, e, scatter=scatter, block=block)
     prev_g = prev_w = None
     for t in range(4):
         gs, ws = [], []
@@ -88,6 +90,32 @@ def test_capture_matches_brute_force_over_steps():
         if t == 0:
             assert "sign_flips" not in row and "released" not in row
         prev_g, prev_w = gs, ws
+
+
+@pytest.mark.parametrize("block", [1 << 22, 1000])
+def test_captured_histogram_is_the_exact_at_edge_histogram(block):
+    """The lookup-table bins inside capture() (scratch buffers, blocks) give the histogram
+    of comparisons against every edge: values on and next to every edge, zeros of both
+    signs, subnormals, the largest floats, +-inf and NaN (last bin)."""
+    e = hist_edges()
+    rng = np.random.default_rng(3)
+    special = np.float32([0.0, -0.0, 1e-45, -1e-45, 1e-40, 1.1754942e-38, 1.1754944e-38,
+                          3.4028235e38, np.inf, -np.inf, np.nan, -np.nan])
+    x = np.concatenate([_crafted(rng, 30_000, e), special, np.nextafter(e, np.float32(0)), e, -e])
+    parts = np.array_split(rng.permutation(x), 3)
+    params = [torch.nn.Parameter(torch.zeros(len(q))) for q in parts]
+    for p, q in zip(params, parts):
+        p.grad = torch.from_numpy(q.copy())
+    row = ParamStats(["a", "b", "c"], params, e, block=block).capture()
+    for i, q in enumerate(parts):
+        a = np.abs(q.astype(np.float64))
+        ref = np.zeros(len(e) + 2, np.int64)
+        ref[0] = np.sum(a == 0)
+        ref[1] = np.sum((a > 0) & (a < e[0]))
+        for k in range(1, len(e)):
+            ref[k + 1] = np.sum((a >= e[k - 1]) & (a < e[k]))
+        ref[-1] = np.sum((a >= e[-1]) | np.isnan(a))
+        np.testing.assert_array_equal(row["grad_hist"][i].numpy(), ref)
 
 
 def test_missing_gradient_counts_as_zero():

@@ -24,7 +24,7 @@ def tiny_run(tmp_path_factory):
     opt = torch.optim.SGD(net.parameters(), lr=0.5)
     x, y = torch.randn(64, 5), torch.randint(0, 3, (64,))
     with Recorder(path, net, num_classes=3, num_examples=64, optimizer=opt,
-                  snapshot_params="all", snapshot_every=2) as rec:
+                  snapshot_params="all", snapshot_every=2, param_stats_every=1) as rec:
         for t in range(12):
             idx = torch.arange(16) + 16 * (t % 4)
             with rec.step(example_ids=idx, targets=y[idx]) as st:

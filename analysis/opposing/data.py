@@ -1,10 +1,16 @@
 """Reading per-example gradients out of a run, one probe pass or one chunk of steps at a
 time, so no analysis ever holds more than one slice of `grad_proj` in memory.
 
-Magnitudes: the exact `grad_norm` when the run recorded it (the projection only estimates
-the norm); otherwise the projection's own norm.
+The sketch is stored as float16 unit rows times a float32 `grad_proj_scale`; rows are
+rescaled here (stores without the scale are read as they are). Within training batches the
+exact `grad_gram` is used when recorded (`cosine_source`). Magnitudes: the exact
+`grad_norm` when the run recorded it (the projection only estimates the norm); otherwise
+the projection's own norm. Rows that cannot give a cosine (NaN, zero) are counted and
+reported by `Dropped`, never skipped silently.
 """
 from __future__ import annotations
+
+import warnings
 
 import numpy as np
 import xarray as xr
@@ -27,9 +33,17 @@ def gradient_group(run: Run, source: str) -> xr.Dataset:
     return ds
 
 
+def _sketch(sub: xr.Dataset) -> np.ndarray:
+    """The stored sketch rescaled to gradient units, float32 (..., D)."""
+    G = np.asarray(sub["grad_proj"].values, dtype=np.float32)
+    if "grad_proj_scale" in sub:
+        G = G * np.asarray(sub["grad_proj_scale"].values, dtype=np.float32)[..., None]
+    return G
+
+
 def probe_slice(ds: xr.Dataset, p: int) -> tuple[np.ndarray, np.ndarray]:
     """(G (N, D) float32, magnitudes (N,)) of probe pass p."""
-    G = np.asarray(ds["grad_proj"].isel(probe=p).values, dtype=np.float32)
+    G = _sketch(ds.isel(probe=p))
     if "grad_norm" in ds:
         mag = np.asarray(ds["grad_norm"].isel(probe=p).values, dtype=np.float64)
     else:
@@ -47,7 +61,7 @@ def train_chunks(ds: xr.Dataset, steps=None, chunk: int | None = None):
     for s in range(0, len(steps), chunk):
         idx = steps[s:s + chunk]
         sub = ds.isel(step=idx)
-        G = np.asarray(sub["grad_proj"].values, dtype=np.float32)
+        G = _sketch(sub)
         ids = np.asarray(sub["example_id"].values)
         valid = (ids >= 0) & np.isfinite(G).all(-1)
         if "grad_norm" in sub:
@@ -55,6 +69,69 @@ def train_chunks(ds: xr.Dataset, steps=None, chunk: int | None = None):
         else:
             mag = np.linalg.norm(G, axis=-1).astype(np.float64)
         yield idx, G, valid, ids, np.asarray(sub["target"].values), mag
+
+
+def use_gram(ds: xr.Dataset, cosine_source: str) -> bool:
+    """Whether to read training cosines from the exact `grad_gram` ("auto": when recorded)."""
+    if cosine_source not in ("auto", "exact_gram", "sketch"):
+        raise ValueError(f"cosine_source must be 'auto', 'exact_gram' or 'sketch', got {cosine_source!r}")
+    if cosine_source == "exact_gram" and "grad_gram" not in ds:
+        raise RunError("this run has no train/grad_gram; record it with dynascope record --grad-gram "
+                       "(Recorder(..., grad_gram=True)) or use cosine_source='sketch'")
+    return cosine_source != "sketch" and "grad_gram" in ds
+
+
+def train_gram_chunks(ds: xr.Dataset, steps=None, chunk: int = 64):
+    """Yield (step indices, cosines (S, B, B), valid (S, B), example_id, target, magnitudes)
+    from the exact in-batch Gram; magnitudes are its diagonal's square roots."""
+    n = ds.sizes["step"]
+    steps = np.arange(n) if steps is None else np.asarray(steps)
+    for s in range(0, len(steps), chunk):
+        idx = steps[s:s + chunk]
+        sub = ds.isel(step=idx)
+        K = np.asarray(sub["grad_gram"].values, dtype=np.float64)
+        ids = np.asarray(sub["example_id"].values)
+        B = ids.shape[1]
+        K = K[:, :B, :B]
+        d = np.diagonal(K, axis1=1, axis2=2)
+        valid = (ids >= 0) & np.isfinite(d) & (d > 0)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            mag = np.sqrt(np.where(valid, d, np.nan))
+            C = K / (mag[:, :, None] * mag[:, None, :])
+        C = np.clip(np.where(valid[:, :, None] & valid[:, None, :], C, np.nan), -1, 1)
+        yield idx, C, valid, ids, np.asarray(sub["target"].values), mag, K
+
+
+def sketch_error(run: Run, source: str) -> dict:
+    """The stored sketch's error law: {"c0": sd of the cosine error at true cosine 0,
+    "law": text}. c0 = c / sqrt(K) from the store's metadata (1 / sqrt(D) for old stores)."""
+    meta = (run.attrs.get("extensions") or {}).get("gradients") or {}
+    err = (meta.get("projection") or {}).get("error") or {}
+    c0 = err.get("cos_sd_at_zero")
+    if c0 is None:
+        ds = run.group(source)
+        c0 = 1.0 / np.sqrt(max(1, ds.sizes.get("proj", 1)))
+    return {"c0": float(c0), "law": err.get("law", "sd ~= c0 (1 - cos^2)")}
+
+
+class Dropped:
+    """Counts rows that cannot give a cosine (NaN or zero gradient) and warns once."""
+
+    def __init__(self, analysis: str):
+        self.analysis, self.rows, self.total = analysis, 0, 0
+
+    def add(self, valid: np.ndarray, present: np.ndarray) -> None:
+        present = np.asarray(present, bool)
+        self.total += int(present.sum())
+        self.rows += int((present & ~np.asarray(valid, bool)).sum())
+
+    def finish(self, attrs: dict) -> dict:
+        if self.rows:
+            warnings.warn(f"{self.analysis}: {self.rows} of {self.total} example rows have a NaN or "
+                          "zero gradient (examples with loss weight 0, layers recorded as NaN) and "
+                          "were left out; attrs['dropped_rows'] counts them", RuntimeWarning, stacklevel=3)
+        attrs.update(dropped_rows=self.rows, rows_considered=self.total)
+        return attrs
 
 
 def probe_times(ds: xr.Dataset, probes=None) -> np.ndarray:

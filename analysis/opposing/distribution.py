@@ -8,7 +8,7 @@ import xarray as xr
 
 from ..registry import register_analysis
 from ..run import Run
-from .data import gradient_group, probe_slice, probe_times, train_chunks
+from .data import Dropped, gradient_group, probe_slice, probe_times, train_chunks
 from .groups import robust_z
 from .topk import unit_rows
 
@@ -22,6 +22,7 @@ def cosine_histogram(run: Run, source: str = "probe", probes=-1, bins: int = 80,
     edges = np.linspace(-1, 1, bins + 1)
     same = np.zeros(bins, np.int64)
     cross = np.zeros(bins, np.int64)
+    dropped = Dropped("cosine_histogram")
 
     def add(C, la, lb, upper):
         m = np.isfinite(C)
@@ -36,6 +37,7 @@ def cosine_histogram(run: Run, source: str = "probe", probes=-1, bins: int = 80,
         times = probe_times(ds, probes)
         for p in times:
             U, nrm = unit_rows(probe_slice(ds, int(p))[0])
+            dropped.add(nrm > 0, np.ones(len(nrm), bool))
             U[~(nrm > 0)] = np.nan
             for i in range(0, len(U), block):
                 for j in range(i, len(U), block):
@@ -45,13 +47,15 @@ def cosine_histogram(run: Run, source: str = "probe", probes=-1, bins: int = 80,
         times = np.arange(ds.sizes["step"]) if probes in (None, -1) else np.asarray(probes)
         for idx, G, valid, ids, tgt, _ in train_chunks(ds, times):
             for s in range(len(idx)):
-                v = valid[s]
-                U, _ = unit_rows(G[s][v])
+                U, nrm = unit_rows(G[s])
+                v = valid[s] & (nrm > 0)
+                dropped.add(v, ids[s] >= 0)
+                U = U[v]
                 add(np.clip(U @ U.T, -1, 1), tgt[s][v], tgt[s][v], True)
     centers = (edges[:-1] + edges[1:]) / 2
     out = xr.Dataset({"same_class": ("cosine", same), "cross_class": ("cosine", cross)},
                      coords={"cosine": centers, "bin_edge": ("edge", edges)})
-    out.attrs = {"source": source, "times": [int(t) for t in np.atleast_1d(times)]}
+    out.attrs = dropped.finish({"source": source, "times": [int(t) for t in np.atleast_1d(times)]})
     return out
 
 

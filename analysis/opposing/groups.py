@@ -27,7 +27,7 @@ import xarray as xr
 from ..registry import register_analysis
 from ..run import Run
 from .clustering import average_linkage
-from .data import gradient_group, probe_slice
+from .data import Dropped, gradient_group, probe_slice
 
 
 def extreme_movers(delta: np.ndarray, top: int) -> tuple[np.ndarray, np.ndarray]:
@@ -132,8 +132,12 @@ def opposing_groups(run: Run, top_fraction: float = 0.05, min_hits: int = 1,
         cand = np.sort(cand[np.argsort(-hits[cand], kind="stable")[:max_candidates]])
     # pass 1: mean pairwise gradient cosine of the candidates over probes (O(M^2) memory)
     sim = np.zeros((len(cand), len(cand)))
+    dropped = Dropped("opposing_groups")  # a NaN / zero candidate row counts as similarity 0
     for p in range(P):
-        U = _unit(probe_slice(ds, p)[0][cand].astype(np.float64))
+        G = probe_slice(ds, p)[0][cand].astype(np.float64)
+        n = np.linalg.norm(G, axis=1)
+        dropped.add(np.isfinite(n) & (n > 0), np.ones(len(cand), bool))
+        U = _unit(G)
         sim += U @ U.T / P
     group = np.full(len(cand), -1)
     next_id = 0
@@ -164,9 +168,11 @@ def opposing_groups(run: Run, top_fraction: float = 0.05, min_hits: int = 1,
             osc = np.sqrt(np.maximum(0.0, -dmean[a] * dmean[b]))
             rows.append((a, b, rho, gcos, osc, _pearson(osc, spikes), float(cos_t.mean())))
     rows.sort(key=lambda r: -r[4].sum())
-    return _result(run, ds, ids, tgt, steps, cand, hits, inc, dec, group, K, gcls, mean_loss,
-                   dmean, rows, spikes, top_steps, locals_params(top_fraction, min_hits, similarity,
-                   min_group_size, max_loss_correlation, max_gradient_cosine, cross_class, max_candidates))
+    out = _result(run, ds, ids, tgt, steps, cand, hits, inc, dec, group, K, gcls, mean_loss,
+                  dmean, rows, spikes, top_steps, locals_params(top_fraction, min_hits, similarity,
+                  min_group_size, max_loss_correlation, max_gradient_cosine, cross_class, max_candidates))
+    dropped.finish(out.attrs)
+    return out
 
 
 def locals_params(*vals) -> dict:

@@ -5,8 +5,11 @@ class-pair matrix.
 A pair {a, b} is *opposing* when cos(g_a, g_b) <= cos_threshold, its magnitudes are within
 a factor `magnitude_ratio` (max/min <= magnitude_ratio: both pull comparably, so neither is
 a negligible nudge against the other), optionally the classes differ, and b is among a's
-`top_k` most negative partners or a among b's. Cosines come from the stored projections
-(unbiased estimates of the true inner products); magnitudes from the exact `grad_norm`.
+`top_k` most negative partners or a among b's. Within training batches cosines come from the
+exact in-batch Gram when it was recorded; otherwise (and across a probe set) from the stored
+sketch, whose error sd at true cosine c is about c0 (1 - c^2) (c0 = c/sqrt(K) in the store's
+metadata): each pair carries that sd, and `margin` z keeps a pair only when
+cos + z sd <= cos_threshold. Magnitudes from the exact `grad_norm`.
 """
 from __future__ import annotations
 
@@ -15,17 +18,31 @@ import xarray as xr
 
 from ..registry import register_analysis
 from ..run import Run
-from .data import class_names, gradient_group, num_classes, probe_slice, probe_times, train_chunks
-from .topk import most_negative_pairs, within_batch_pairs
+from .data import (Dropped, class_names, gradient_group, num_classes, probe_slice, probe_times,
+                   sketch_error, train_chunks, train_gram_chunks, use_gram)
+from .topk import most_negative_pairs, within_batch_pairs, within_batch_pairs_from_cosines
 
 
-def _probe_pairs(run, ds, probes, kw, block):
+def margin_threshold(threshold: float | None, margin: float, c0: float) -> float | None:
+    """The cosine c* with c* + margin * c0 (1 - c*^2) = threshold: since the left side grows
+    with c (while 2 margin c0 < 1), "cos + z sd <= threshold" is "cos <= c*"."""
+    a = margin * c0
+    if threshold is None or a == 0:
+        return threshold
+    if a < 0 or 2 * a >= 1:
+        raise ValueError(f"margin must be >= 0 and small against 1/(2 c0) = {1 / (2 * c0):.1f}, got {margin}")
+    return float((1 - np.sqrt(1 - 4 * a * (threshold - a))) / (2 * a))
+
+
+def _probe_pairs(run, ds, probes, kw, block, dropped):
     ids = np.asarray(ds["example_id"].values)
     tgt = np.asarray(ds["target"].values)
     rows = []
     for p in probe_times(ds, probes):
         G, mag = probe_slice(ds, int(p))
-        res = most_negative_pairs(G, k=kw["top_k"], block=block, threshold=kw["cos_threshold"],
+        nrm = np.linalg.norm(G, axis=1)
+        dropped.add(np.isfinite(nrm) & (nrm > 0), np.ones(len(G), bool))
+        res = most_negative_pairs(G, k=kw["top_k"], block=block, threshold=kw["effective_threshold"],
                                   labels=tgt if kw["cross_class"] else None, norms=mag,
                                   magnitude_ratio=kw["magnitude_ratio"])
         rows.append(dict(time=np.full(len(res), p), a=ids[res.a], b=ids[res.b], ta=tgt[res.a],
@@ -33,12 +50,19 @@ def _probe_pairs(run, ds, probes, kw, block):
     return rows
 
 
-def _train_pairs(ds, steps, kw):
+def _train_pairs(ds, steps, kw, gram, dropped):
     rows = []
-    for idx, G, valid, ids, tgt, mag in train_chunks(ds, steps):
-        s, a, b, c = within_batch_pairs(G, valid, k=kw["top_k"], threshold=kw["cos_threshold"],
-                                        labels=tgt if kw["cross_class"] else None, norms=mag,
-                                        magnitude_ratio=kw["magnitude_ratio"])
+    opts = dict(k=kw["top_k"], threshold=kw["effective_threshold"], magnitude_ratio=kw["magnitude_ratio"])
+    for chunk in (train_gram_chunks(ds, steps) if gram else train_chunks(ds, steps)):
+        idx, G, valid, ids, tgt, mag = chunk[:6]
+        labels = tgt if kw["cross_class"] else None
+        if gram:
+            dropped.add(valid, ids >= 0)
+            s, a, b, c = within_batch_pairs_from_cosines(G, valid, labels=labels, norms=mag, **opts)
+        else:
+            nrm = np.linalg.norm(G, axis=-1)
+            dropped.add(valid & (nrm > 0), ids >= 0)
+            s, a, b, c = within_batch_pairs(G, valid, labels=labels, norms=mag, **opts)
         rows.append(dict(time=idx[s], a=ids[s, a], b=ids[s, b], ta=tgt[s, a], tb=tgt[s, b],
                          cos=c, na=mag[s, a], nb=mag[s, b]))
     return rows
@@ -54,24 +78,31 @@ def _concat(rows) -> dict:
 @register_analysis("opposing_pairs", needs=("probe/grad_proj",))
 def opposing_pairs(run: Run, cos_threshold: float | None = -0.5, magnitude_ratio: float | None = 2.0,
                    cross_class: bool = True, source: str = "probe", top_k: int = 5,
-                   probes=None, steps=None, block: int = 4096) -> xr.Dataset:
+                   probes=None, steps=None, block: int = 4096, margin: float = 0.0,
+                   cosine_source: str = "auto") -> xr.Dataset:
     """Pairs of examples whose gradients point in opposite directions, over time.
 
     source='probe': all tracked examples against each other at each probe pass (`probes`
     selects passes). source='train': pairs within each training batch (`steps` selects).
     top_k: partners kept per example and time (bounds memory and output).
+    margin: z; with sketched cosines a pair is kept only when cos + z sd <= cos_threshold.
+    cosine_source (train): 'auto' (the exact Gram when recorded), 'exact_gram' or 'sketch'.
     """
     ds = gradient_group(run, source)
+    gram = source == "train" and use_gram(ds, cosine_source)
+    c0 = 0.0 if gram else sketch_error(run, source)["c0"]
     kw = dict(cos_threshold=cos_threshold, magnitude_ratio=magnitude_ratio,
-              cross_class=cross_class, top_k=top_k)
+              cross_class=cross_class, top_k=top_k, margin=margin)
+    kw["effective_threshold"] = margin_threshold(cos_threshold, margin, c0)
+    dropped = Dropped("opposing_pairs")
     if source == "probe":
         times = probe_times(ds, probes)
-        f = _concat(_probe_pairs(run, ds, probes, kw, block))
+        f = _concat(_probe_pairs(run, ds, probes, kw, block, dropped))
         tdim = "probe"
         all_ids = np.asarray(ds["example_id"].values)
     else:
         times = np.arange(ds.sizes["step"]) if steps is None else np.asarray(steps)
-        f = _concat(_train_pairs(ds, times, kw))
+        f = _concat(_train_pairs(ds, times, kw, gram, dropped))
         tdim = "step"
         ids = np.asarray(ds["example_id"].values)
         all_ids = np.unique(ids[ids >= 0])
@@ -84,6 +115,7 @@ def opposing_pairs(run: Run, cos_threshold: float | None = -0.5, magnitude_ratio
         {"example_a": ("pair", f["a"].astype(np.int64)), "example_b": ("pair", f["b"].astype(np.int64)),
          "target_a": ("pair", f["ta"].astype(np.int64)), "target_b": ("pair", f["tb"].astype(np.int64)),
          "cosine": ("pair", f["cos"].astype(np.float32)),
+         "cosine_sd": ("pair", (c0 * (1 - f["cos"].astype(np.float64) ** 2)).astype(np.float32)),
          "magnitude_ratio": ("pair", ratio.astype(np.float32)),
          "norm_a": ("pair", f["na"].astype(np.float32)), "norm_b": ("pair", f["nb"].astype(np.float32)),
          f"at_{tdim}": ("pair", f["time"].astype(np.int64))})
@@ -93,8 +125,12 @@ def opposing_pairs(run: Run, cos_threshold: float | None = -0.5, magnitude_ratio
     out = out.assign_coords(class_name=("class_a", class_names(run, np.arange(ncls))))
     out.attrs = {"source": source, "time_dim": tdim,
                  "params": {k: ("none" if v is None else v) for k, v in kw.items()},
+                 "cosine_source": "exact_gram" if gram else "sketch",
+                 "cosine_sd_at_zero": c0,
+                 "cosine_sd_law": "0 (exact Gram)" if gram else "cosine_sd = c0 (1 - cos^2), c0 = cosine_sd_at_zero",
                  "magnitude_ratio_semantics": "max(norm)/min(norm) of the pair; kept if <= the parameter",
                  "description": __doc__.split("\n\n")[1].replace("\n", " ")}
+    dropped.finish(out.attrs)
     return out
 
 

@@ -187,11 +187,20 @@ def within_batch_pairs(G, valid, k: int = 5, threshold: float | None = -0.5, lab
     B x B tile; steps are processed together.
     """
     G = np.asarray(G, dtype=np.float32)
-    S, B, _ = G.shape
     nrm = np.sqrt(np.einsum("sbd,sbd->sb", G, G))
     ok = np.asarray(valid, bool) & np.isfinite(nrm) & (nrm > 0)
     U = np.where(ok[..., None], G / np.where(ok, nrm, 1)[..., None], 0).astype(np.float32)
     C = U @ U.transpose(0, 2, 1)
+    return within_batch_pairs_from_cosines(C, ok, k, threshold, labels,
+                                           nrm if norms is None else norms, magnitude_ratio)
+
+
+def within_batch_pairs_from_cosines(C, ok, k: int = 5, threshold: float | None = -0.5, labels=None,
+                                    norms=None, magnitude_ratio: float | None = None):
+    """within_batch_pairs from cosines C (S, B, B) (e.g. an exact Gram) and valid rows ok."""
+    C = np.asarray(C, dtype=np.float32)
+    S, B, _ = C.shape
+    ok = np.asarray(ok, bool)
     iu = np.triu(np.ones((B, B), bool), 1)
     C = np.where(iu, C, np.swapaxes(C, 1, 2))  # exact symmetry: one float per pair
     good = ok[:, :, None] & ok[:, None, :] & ~np.eye(B, dtype=bool)
@@ -199,7 +208,7 @@ def within_batch_pairs(G, valid, k: int = 5, threshold: float | None = -0.5, lab
         lab = np.asarray(labels)
         good &= lab[:, :, None] != lab[:, None, :]
     if magnitude_ratio is not None:
-        m = nrm if norms is None else np.asarray(norms, dtype=np.float64)
+        m = np.asarray(norms, dtype=np.float64)
         with np.errstate(divide="ignore", invalid="ignore"):
             lm = np.log(m)
         good &= np.abs(lm[:, :, None] - lm[:, None, :]) <= np.log(magnitude_ratio)

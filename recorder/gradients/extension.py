@@ -1,18 +1,15 @@
-"""GradientExtension: exact per-example gradient norms and factored random projections,
-computed from hooks on the training (and probe) backward pass, with no second pass and no
-(B, P) per-example gradient tensor.
+"""GradientExtension: exact per-example gradient norms, the exact in-batch gradient Gram,
+and a shared CountSketch / TensorSketch of each example's gradient, computed from hooks on
+the training (and probe) backward pass, with no second pass and no (B, P) per-example
+gradient tensor.
 
-Forward hooks keep each covered module's input; a tensor hook on the module's output keeps
-the output gradient (one entry per call, so modules used several times in a forward are
-summed over calls, cross terms included). A hook on the per-example losses learns the
-weight w_i = dL/dloss_i that the backward gave each example (1/B for `mean`, 1 for `sum`,
-GradScaler's scale, ...), which is divided out: the stored signals are those of each
-example's own loss. Examples with w_i == 0 get NaN (their gradient was never computed).
+Hooks (hooks.py) capture each covered layer's calls; a hook on the per-example losses
+learns the weight w_i = dL/dloss_i that the backward gave each example (1/B for `mean`, 1
+for `sum`, GradScaler's scale, ...), which is divided out: the stored signals are those of
+each example's own loss. Examples with w_i == 0 get NaN (their gradient was never computed).
 """
 from __future__ import annotations
 
-import fnmatch
-import functools
 import warnings
 from dataclasses import dataclass, field
 
@@ -20,12 +17,17 @@ import torch
 import torch.nn as nn
 
 from ..extensions import ArraySpec, BatchContext, Extension, register_extension
+from . import checks
 from .factors import full_float32
-from .fused import fusable, fused_forward
-from .projection import allocate_dims, gaussian_matrix, split_dims
-from .rules import find_rule
+from .hooks import Hooks
+from .projection import layer_hashes
+from .signals import layer_signals
 
 DEFAULT_PROJECTION_DIM = 1024
+#: c in sd(cos error) ~= c (1 - cos^2) / sqrt(K) per layer sketch kind: a dense Gaussian JL
+#: and a CountSketch are 1.0; for TensorSketch the largest measured ratio to a dense JL
+#: (1.39, the seed CNN at init; benchmarks/sketch_fidelity.py), rounded up
+SKETCH_INFLATION = {"tensorsketch": 1.4, "countsketch": 1.0}
 PASS_GROUPS = {"train": ("step", "slot"), "probe": ("probe", "example")}
 
 
@@ -36,43 +38,57 @@ class _Layer:
     rule: object
     params: list[str]
     shape: tuple[int, ...]
-    proj: tuple[int, ...] = ()      # (k_out, k_in) or (k,)
-    offset: int = 0
     calls: list = field(default_factory=list)  # [input, grad or None, extra]
-    mats: dict = field(default_factory=dict)   # device -> matrices
+    mats: dict = field(default_factory=dict)   # device -> (hashes, index cache)
+    path: str = ""                  # module path: parameter names are path.param
+    broken: str | None = None       # why its values are NaN from now on (hooks.py, checks.py)
 
     @property
-    def proj_size(self) -> int:
-        n = 1
-        for k in self.proj:
-            n *= k
-        return n if self.proj else 0
+    def tensors(self) -> list:
+        return [getattr(self.module, p) for p in self.params]
+
+    @property
+    def param_names(self) -> list[str]:
+        return [f"{self.path or self.name}.{p}" for p in self.params]
+
+    @property
+    def sketch_kind(self) -> str:
+        return "tensorsketch" if self.rule.form == "factored" else "countsketch"
 
 
 @register_extension("gradients")
-class GradientExtension(Extension):
-    """Per-example gradient norms (total and per layer) and projections.
+class GradientExtension(Hooks, Extension):
+    """Per-example gradient norms (total and per layer), sketches and the in-batch Gram.
 
-    norms: record exact norms. projection_dim: total sketch size split equally over the
-    covered layers (int; True means DEFAULT_PROJECTION_DIM), per-layer sizes
-    ({layer name: dim}), or None / 0 for no projection (the default, so that
-    `Recorder(grad_norms=True)` records norms only).
-    seed: seeds every projection matrix together with the layer name. layers: module names
-    or fnmatch patterns to cover (default: every supported module with trainable params).
-    fused: with norms on, covered convolutions run through `fused.FusedConv`, whose backward
-    forms the per-example weight gradients once and returns their sum as the weight
-    gradient, instead of repeating autograd's weight-gradient work (exact; see fused.py).
+    norms: record exact norms. projection_dim: size K of the one sketch shared by all covered
+    layers (int; True means DEFAULT_PROJECTION_DIM), or None / 0 for no sketch (the
+    default, so that `Recorder(grad_norms=True)` records norms only).
+    gram: record the exact (B, B) Gram of each training batch's per-example gradients.
+    seed: seeds every hash together with the layer name. layers: module names or fnmatch
+    patterns to cover (default: every supported module with trainable params).
+    fused: covered convolutions run through `fused.FusedConv`, whose backward forms the
+    per-example weight gradients once and returns their sum as the weight gradient,
+    instead of repeating autograd's weight-gradient work (exact; see fused.py).
+    batch_axis: {module path pattern: 0 or 1}, which input dimension holds the examples for
+    modules whose inputs are (B, T, ...) or (T, B, ...) (learned from batches where B != T
+    otherwise). check_every: besides the first batch of each kind, re-check every N train
+    steps that the hooks saw every use of each covered parameter (0: first batch only).
     """
 
     needs_backward = True
 
-    def __init__(self, norms: bool = True, projection_dim: int | dict | bool | None = None,
-                 seed: int = 0, layers: list[str] | None = None, fused: bool = True):
+    def __init__(self, norms: bool = True, projection_dim: int | bool | None = None,
+                 seed: int = 0, layers: list[str] | None = None, fused: bool = True,
+                 gram: bool = False, batch_axis: dict | None = None, check_every: int = 0):
         self.norms = bool(norms)
         self.fused = bool(fused)
+        self.gram = bool(gram)
         if projection_dim is True:
             projection_dim = DEFAULT_PROJECTION_DIM
-        self.projection_dim = projection_dim or None
+        if isinstance(projection_dim, dict) or (projection_dim and int(projection_dim) != projection_dim):
+            raise ValueError(f"projection_dim must be one integer K (the size of the sketch all "
+                             f"layers share), got {projection_dim!r}")
+        self.projection_dim = int(projection_dim) if projection_dim else None
         self.seed = int(seed)
         self.layer_patterns = list(layers) if layers else None
         self.layers: list[_Layer] = []
@@ -88,79 +104,27 @@ class GradientExtension(Extension):
         self._loss_grad: torch.Tensor | None = None
         self._warned: set[str] = set()
         self._bsz = 0
+        self.batch_axis = dict(batch_axis or {})
+        self.check_every = int(check_every)
+        self._batch_axes: dict = {}
+        self._bn: list = []
+        self._checking = False
+        self._checked: set = set()
+        self._suppress = False
+        self._reference: dict | None = None
+        self._want_gram = False
 
     # -- setup ---------------------------------------------------------------------
     def attach(self, recorder) -> None:
-        self.attach_model(recorder.model)
+        self.attach_model(recorder.model)  # hooks.py
 
-    def attach_model(self, model: nn.Module) -> "GradientExtension":
-        """Hook a model directly (used by attach, tests and benchmarks)."""
-        self.detach()
-        self.layers, self.excluded = [], {}
-        covered: set[int] = set()
-        skip_children = set()
-        for name, module in model.named_modules():
-            if isinstance(module, nn.modules.batchnorm._BatchNorm):
-                self.batchnorm_modules.append(name)
-            if isinstance(module, nn.MultiheadAttention):  # calls its Linear functionally
-                skip_children.add(name + ".")
-            rule = find_rule(module)
-            if rule is None or any(name.startswith(s) for s in skip_children):
-                continue
-            if self.layer_patterns and not any(fnmatch.fnmatch(name, p) for p in self.layer_patterns):
-                continue
-            params = rule.params(module)
-            if not params:
-                continue
-            reason = rule.unsupported(module)
-            if reason:
-                for p in params:
-                    self.excluded[f"{name}.{p}"] = reason
-                continue
-            self.layers.append(_Layer(name, module, rule, params, rule.shape(module, params)))
-            covered.update(id(getattr(module, p)) for p in params)
-        seen = set()
-        self.total_trainable = 0
-        for pname, p in model.named_parameters():
-            if id(p) in seen or not p.requires_grad:
-                continue
-            seen.add(id(p))
-            self.total_trainable += p.numel()
-            if id(p) not in covered and pname not in self.excluded:
-                self.excluded[pname] = ("not selected by `layers`" if self.layer_patterns
-                                        else "no per-example rule for this parameter's module")
-        self._covered_numel = sum(getattr(l.module, p).numel() for l in self.layers for p in l.params)
-        dims = allocate_dims([l.name for l in self.layers], self.projection_dim)
-        offset = 0
-        for layer in self.layers:
-            d = dims.get(layer.name, 0)
-            if d:
-                layer.proj = (split_dims(d, *layer.shape) if layer.rule.form == "factored"
-                              else (min(d, layer.shape[0]),))
-            layer.offset = offset
-            offset += layer.proj_size
-        self.proj_total = offset
-        for layer in self.layers:
-            self._handles.append(layer.module.register_forward_hook(
-                functools.partial(self._forward_hook, layer)))
-            if self.fused and self.norms and fusable(layer.module, layer):
-                self._install_fused(layer)
-        return self
+    def _allocate(self) -> None:
+        """The sketch's size (one K shared by every layer; called by attach_model)."""
+        self.proj_total = (self.projection_dim or 0) if self.layers else 0
 
-    def _install_fused(self, layer: _Layer) -> None:
-        """Override the module's forward on the instance (restored by detach)."""
-        m = layer.module
-        m.forward = functools.partial(fused_forward, self, layer, m.forward)
-        self._forwards.append((m, m.forward))
-
-    def detach(self) -> None:
-        for h in self._handles:
-            h.remove()
-        self._handles = []
-        for m, installed in self._forwards:
-            if m.__dict__.get("forward") is installed:
-                del m.forward
-        self._forwards = []
+    @property
+    def _any_signal(self) -> bool:
+        return bool(self.norms or self.proj_total or self.gram)
 
     def specs(self) -> list[ArraySpec]:
         names = [l.name for l in self.layers]
@@ -172,78 +136,64 @@ class GradientExtension(Extension):
                                      attrs={"layers": names}))
             if self.proj_total:
                 out.append(ArraySpec(group, "grad_proj", (row, ex, "proj"), "float16",
-                                     attrs={"seed": self.seed}))
+                                     attrs={"seed": self.seed, "unit_rows": True,
+                                            "scale": "grad_proj_scale"}))
+                out.append(ArraySpec(group, "grad_proj_scale", (row, ex), "float32"))
+        if self.gram:
+            out.append(ArraySpec("train", "grad_gram", ("step", "slot", "slot_j"), "float32"))
         return out
 
     def metadata(self) -> dict:
+        K = self.proj_total
+        err = {kind: (c / K ** 0.5 if K else None) for kind, c in SKETCH_INFLATION.items()}
+        kinds = {l.sketch_kind for l in self.layers}
         return {
             "norms": self.norms,
             "layer_names": [l.name for l in self.layers],
             "layers": [{"name": l.name, "type": type(l.module).__name__, "form": l.rule.form,
-                        "params": [f"{l.name}.{p}" for p in l.params],
-                        "numel": sum(getattr(l.module, p).numel() for p in l.params),
-                        "matrix_shape": list(l.shape), "proj_dims": list(l.proj),
-                        "proj_offset": l.offset, "proj_size": l.proj_size} for l in self.layers],
-            "covered_parameters": [f"{l.name}.{p}" for l in self.layers for p in l.params],
+                        "params": l.param_names,
+                        "numel": sum(t.numel() for t in l.tensors),
+                        "matrix_shape": list(l.shape), "sketch": l.sketch_kind,
+                        "cos_sd_at_zero": err[l.sketch_kind]} for l in self.layers],
+            "covered_parameters": [n for l in self.layers for n in l.param_names],
             "excluded_parameters": dict(self.excluded),
             "covered_fraction": self._covered_numel / max(1, self.total_trainable),
-            "projection": {"kind": "factored_gaussian", "dim": self.proj_total, "seed": self.seed,
-                           "dtype": "float16", "entries": "N(0, 1/k), k = rows",
-                           "seed_hash": "seed*1000003 + zlib.crc32('<layer>/<L|R|P>') mod 2^63-1",
-                           "generator": "torch.Generator('cpu').manual_seed; torch.randn(rows, cols)",
-                           "layout": "per layer vec(L G R^T) row-major (factored) or P g (vector)"},
+            "projection": {
+                "kind": "count_sketch", "dim": K, "seed": self.seed,
+                "dtype": "float16 unit rows (grad_proj) x float32 norms (grad_proj_scale)",
+                "layout": "one K-vector shared by all layers: sum over layers of each layer's sketch",
+                "hash": "bucket, sign = torch.randint from torch.Generator('cpu').manual_seed("
+                        "seed*1000003 + zlib.crc32('<layer>/<L|R|P>') mod 2^63-1); matrix entry "
+                        "(o, i) -> bucket (h_L[o] + h_R[i]) mod K, sign s_L[o] s_R[i]",
+                "error": {"law": "sd(cos_sketch - cos_true) ~= c (1 - cos_true^2) / sqrt(K)",
+                          "c": max((SKETCH_INFLATION[k] for k in kinds), default=1.0),
+                          "cos_sd_at_zero": (max((SKETCH_INFLATION[k] for k in kinds), default=1.0)
+                                             / K ** 0.5) if K else None,
+                          "measured_by": "benchmarks/sketch_fidelity.py"}},
+            "gram": {"recorded": self.gram, "groups": ["train"] if self.gram else [],
+                     "definition": "<g_i, g_j> over the covered parameters of each example's own "
+                                   "loss; NaN rows/columns where an example's loss weight is 0"},
             "batchnorm_modules": list(self.batchnorm_modules),
             "batchnorm_train_mode_coupling": bool(self.batchnorm_modules),
             "zero_weight_examples": "nan",
             "loss_weighting": "dL/dloss_i from a hook on the per-example losses is divided out",
         }
 
-    # -- hooks ---------------------------------------------------------------------
-    def _forward_hook(self, layer: _Layer, module, inputs, output) -> None:
-        if not self._active or not isinstance(output, torch.Tensor) or not output.requires_grad:
-            return
-        x = inputs[0]
-        call = [x.detach(), None, layer.rule.capture(module, x)]
-        if x.shape[0] != self._bsz:
-            call[2] = {**call[2], "bad_batch": True}
-        layer.calls.append(call)
-        output.register_hook(functools.partial(self._grad_hook, call))
-
-    @staticmethod
-    def _grad_hook(call, grad) -> None:
-        if call[2].get("fused") is not None:  # a later backward: the fused values are stale
-            call[2]["fused"] = None
-        g = grad.detach()
-        call[1] = g if call[1] is None else call[1] + g
-
-    def _loss_hook(self, grad) -> None:
-        g = grad.detach()
-        self._loss_grad = g if self._loss_grad is None else self._loss_grad + g
-
     # -- batches -------------------------------------------------------------------
-    def begin_batch(self, batch: BatchContext) -> None:
-        self._reset()
-        if batch.kind in PASS_GROUPS:
-            self._active = True
-            self._bsz = batch.batch_size
-
-    def on_losses(self, batch: BatchContext) -> None:
-        losses = batch.losses
-        if self._active and losses is not None and losses.requires_grad:
-            losses.register_hook(self._loss_hook)
-
     def end_batch(self, batch: BatchContext) -> dict:
         out = self.columns(batch)
         if "grad_proj" in out:
-            out["grad_proj"] = out["grad_proj"].to(torch.float16)
+            out["grad_proj"], out["grad_proj_scale"] = unit_rows(out["grad_proj"])
         return out
 
     def columns(self, batch: BatchContext) -> dict:
-        """end_batch's columns in float32 (tests compare these before the float16 cast)."""
+        """end_batch's columns with the sketch unnormalised in float32 (tests compare these)."""
         if not self._active:
             return {}
         try:
-            norms, proj = self.compute(batch.batch_size)
+            if self._checking:
+                checks.verify(self)
+            norms, proj, gram = self.compute(batch.batch_size)
         finally:
             self._reset()
         out = {}
@@ -252,27 +202,37 @@ class GradientExtension(Extension):
             out["grad_norm_layer"] = norms.sqrt()
         if proj is not None:
             out["grad_proj"] = proj
+        if gram is not None:
+            out["grad_gram"] = gram
         return out
 
     def _reset(self) -> None:
         self._active = False
+        self._checking = False
+        self._reference = None
         self._loss_grad = None
         self._generation += 1
         for layer in self.layers:
             layer.calls = []
 
     def compute(self, batch_size: int):
-        """(B, layers) squared norms and (B, proj) float32 projections of each example's own
-        loss gradient, from what the hooks captured since begin_batch."""
+        """(B, layers) squared norms, (B, K) sketch and (B, B) Gram (None when not recorded)
+        of each example's own loss gradient, from what the hooks captured since begin_batch."""
         w = self._loss_grad
-        device = None
-        sq = torch.zeros(batch_size, len(self.layers))
-        proj = torch.zeros(batch_size, self.proj_total) if self.proj_total else None
+        B = batch_size
+        # allocated where the captured gradients live: a CPU buffer moved to the device
+        # later would block the host on every step
+        device = next((c[1].device for layer in self.layers for c in layer.calls
+                       if c[1] is not None), torch.device("cpu"))
+        sq = torch.zeros(B, len(self.layers), device=device)
+        proj = torch.zeros(B, self.proj_total, device=device) if self.proj_total else None
+        gram = torch.zeros(B, B, device=device) if self._want_gram else None
+        nan = float("nan")
         if w is None:
             if not any(c[1] is not None for layer in self.layers for c in layer.calls):
                 self._warn("nobackward", "no backward pass reached the hooked layers in this batch; "
                            "its per-example gradient signals are NaN")
-                return sq.fill_(float("nan")), (proj.fill_(float("nan")) if proj is not None else None)
+                return tuple(t.fill_(nan) if t is not None else None for t in (sq, proj, gram))
             self._warn("noloss", "no gradient reached the per-example losses given to the recorder; "
                        "gradients are stored unscaled (as if each example's weight were 1). "
                        "Backpropagate through the recorded losses (e.g. losses.mean().backward()).")
@@ -280,55 +240,57 @@ class GradientExtension(Extension):
                 torch.no_grad(), full_float32():
             for j, layer in enumerate(self.layers):
                 calls = [c for c in layer.calls if c[1] is not None]
-                if not calls:
+                reason = self._invalid(layer, calls)
+                if not calls and not reason:
                     continue  # not used on the loss's graph: its gradient is zero
-                if any(c[2].get("bad_batch") for c in calls):
-                    self._warn(layer.name, f"{layer.name}: input's first dimension is not the batch; "
-                               "its per-example gradients are recorded as NaN")
-                    sq[:, j] = float("nan")
-                    if proj is not None:
-                        proj[:, layer.offset:layer.offset + layer.proj_size] = float("nan")
+                if reason:
+                    self._warn(layer.name, f"{layer.name}: {reason}; its per-example gradients are "
+                               "recorded as NaN (and so are the sketch and the Gram, which include "
+                               "every layer)")
+                    sq[:, j] = nan
+                    for t in (proj, gram):
+                        if t is not None:
+                            t.fill_(nan)
                     continue
-                device = calls[0][1].device
-                if sq.device != device:
-                    sq, proj = sq.to(device), (proj.to(device) if proj is not None else None)
                 fused = calls[0][2].get("fused") if len(calls) == 1 else None
-                mats = self._matrices(layer, device) if layer.proj_size else None
                 if fused is not None:  # formed in the backward (fused.py)
-                    sq[:, j], p = fused
-                    if mats:
-                        proj[:, layer.offset:layer.offset + layer.proj_size] = p
-                    continue
-                g = layer.rule.grad(layer.module, calls, layer.params)
-                if self.norms and mats:
-                    sq[:, j], p = g.norm_and_project(*mats)
-                elif self.norms:
-                    sq[:, j] = g.sq_norm()
-                if mats:
-                    if not self.norms:
-                        p = g.project(*mats)
-                    proj[:, layer.offset:layer.offset + layer.proj_size] = p
+                    s, p, gm = fused
+                else:
+                    hs, cache = self._hashes(layer, device) if proj is not None else (None, None)
+                    g = layer.rule.grad(layer.module, calls, layer.params)
+                    s, p, gm = layer_signals(g, hs, self.proj_total, gram is not None, cache)
+                sq[:, j] = s
+                if proj is not None:
+                    proj += p
+                if gram is not None:
+                    gram += gm
             if w is not None:
                 w = w.to(sq.device).float().reshape(-1)
-                inv = torch.where(w != 0, 1.0 / w, torch.full_like(w, float("nan")))
+                inv = torch.where(w != 0, 1.0 / w, torch.full_like(w, nan))
                 sq = sq * inv[:, None].square()
                 if proj is not None:
                     proj = proj * inv[:, None]
-        return sq, proj
+                if gram is not None:
+                    gram = gram * inv[:, None] * inv[None, :]
+        return sq, proj, gram
 
-    def _matrices(self, layer: _Layer, device) -> tuple:
+    def _hashes(self, layer: _Layer, device) -> tuple:
+        """(hashes, index cache) of a layer on a device, regenerated from (seed, name)."""
         key = str(device)
         if key not in layer.mats:
-            if layer.rule.form == "factored":
-                (k_out, k_in), (n_out, n_in) = layer.proj, layer.shape
-                layer.mats[key] = (gaussian_matrix(self.seed, layer.name, "L", k_out, n_out, device),
-                                   gaussian_matrix(self.seed, layer.name, "R", k_in, n_in, device))
-            else:
-                layer.mats[key] = (gaussian_matrix(self.seed, layer.name, "P", layer.proj[0],
-                                                   layer.shape[0], device),)
+            layer.mats[key] = (layer_hashes(self.seed, layer.name, layer.rule.form, layer.shape,
+                                            self.proj_total, device), {})
         return layer.mats[key]
 
     def _warn(self, key: str, msg: str) -> None:
         if key not in self._warned:
             self._warned.add(key)
             warnings.warn(msg, RuntimeWarning, stacklevel=3)
+
+
+def unit_rows(proj: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(float16 unit rows, float32 norms): a direction survives float16 at any gradient
+    scale (a 1e-10 gradient included). A zero row stays zero with norm 0; NaN stays NaN."""
+    scale = proj.norm(dim=1)
+    unit = proj / torch.where(scale > 0, scale, torch.ones_like(scale))[:, None]
+    return unit.to(torch.float16), scale

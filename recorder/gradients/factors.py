@@ -7,7 +7,8 @@ vector) is held in one of two forms:
   with left factors u (output-grad side) and right factors v (input side, bias as a trailing
   column of ones). Norms use either the ghost form <U U^T, V V^T> (cheap for few positions)
   or the direct form ||U^T V||^2 batched in example chunks (cheap for many positions), which
-  is picked per shape. Projections are (U L^T)^T (V R^T), i.e. L G_i R^T.
+  is picked per shape. Calls may mix one-hot and dense left factors (a tied embedding and
+  output layer on one parameter). Sketches and Grams of both forms: signals.py.
 - `Vector`: exact small per-example vectors (normalisation affine parameters).
 
 Everything is computed in float32 regardless of autocast.
@@ -72,17 +73,6 @@ class Dense:
     def rows(self, s: slice) -> torch.Tensor:
         return self.t[s]
 
-    def project(self, m: torch.Tensor) -> torch.Tensor:
-        """(B, T, k) = factor @ m^T for m of shape (k, n)."""
-        return _project(self.t, m)
-
-
-def _project(t: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
-    """t @ m^T, computed as m @ t^T when t is a transposed (B, n, T) buffer (conv layouts),
-    so BLAS reads memory in order; the result may be a transposed view."""
-    if t.shape[1] > 1 and t.transpose(1, 2).is_contiguous():
-        return torch.matmul(m, t.transpose(1, 2)).transpose(1, 2)
-    return torch.matmul(t, m.t())
 
 
 class OneHot:
@@ -102,14 +92,12 @@ class OneHot:
     def rows(self, s: slice) -> torch.Tensor:
         return F.one_hot(self.idx[s], self.n).float()
 
-    def project(self, m: torch.Tensor) -> torch.Tensor:
-        return m.t()[self.idx]  # (B, T, k)
-
 
 class Patches:
     """Right factor of a convolution: input patches (plus a ones row for the bias), built
-    lazily. Projection is a convolution of the input with R reshaped as a (k, C, kh, kw)
-    kernel, so patches are only built when a norm needs them. Patches are gathered with one
+    lazily: with many positions the per-example gradients are formed directly (`grads`) and
+    patches are never needed. `conv` (the layer's own convolution) is kept for rules that
+    re-derive outputs. Patches are gathered with one
     strided copy into a (B, C*kh*kw [+1], T) buffer (F.unfold is several times slower on
     CPU) and returned as a transposed (B, T, n) view."""
 
@@ -171,15 +159,6 @@ class Patches:
             out[:, n].fill_(1.0)
         return out
 
-    def project(self, m: torch.Tensor) -> torch.Tensor:
-        if not self.with_weight:
-            return _project(self.dense(), m)
-        k = m.shape[0]
-        w = m[:, : m.shape[1] - int(self.with_bias)].reshape(k, self.x.shape[1], *self.kernel)
-        b = m[:, -1].contiguous() if self.with_bias else None
-        y = self._conv(self.x, w.contiguous(), b)  # (B, k, *spatial)
-        return y.flatten(2).transpose(1, 2)
-
 
 def _cat(ts: list) -> torch.Tensor:
     """Concatenate over positions; a single call keeps its (possibly transposed) layout."""
@@ -198,21 +177,6 @@ class Factored:
         if self._use_ghost():
             return self._ghost(sum(self._positions(l) for l, _ in self.calls))
         return self._direct()
-
-    def norm_and_project(self, L: torch.Tensor | None, R: torch.Tensor | None):
-        """(squared norms, projections or None). For convolutions whose per-example
-        gradients are formed anyway (direct form), the projection L G Rᵀ is taken from them,
-        which is cheaper than re-deriving it from the factors."""
-        if L is None:
-            return self.sq_norm(), None
-        if self._use_ghost() or not self._is_conv():
-            return self.sq_norm(), self.project(L, R)
-        sq, proj = [], []
-        for s in self._conv_chunks():
-            G = sum(r.grads(s) for _, r in self.calls)
-            sq.append(G.square().sum((1, 2)))
-            proj.append(torch.matmul(torch.matmul(L, G), R.t()).flatten(1))
-        return torch.cat(sq), torch.cat(proj)
 
     def _use_ghost(self) -> bool:
         if any(isinstance(l, OneHot) for l, _ in self.calls):
@@ -268,16 +232,6 @@ class Factored:
     def _positions(left) -> int:
         return (left.idx if isinstance(left, OneHot) else left.t).shape[1]
 
-    def project(self, L: torch.Tensor, R: torch.Tensor) -> torch.Tensor:
-        """(B, k_out * k_in): vec(L G_i R^T), row-major."""
-        total = None
-        for left, right in self.calls:
-            a = left.project(L)   # (B, T, k_out)
-            b = right.project(R)  # (B, T, k_in)
-            p = torch.bmm(a.transpose(1, 2), b)
-            total = p if total is None else total + p
-        return total.flatten(1)
-
 
 @dataclass
 class Vector:
@@ -285,11 +239,5 @@ class Vector:
 
     vec: torch.Tensor
 
-    def norm_and_project(self, P: torch.Tensor | None):
-        return self.sq_norm(), (None if P is None else self.project(P))
-
     def sq_norm(self) -> torch.Tensor:
         return self.vec.square().sum(1)
-
-    def project(self, P: torch.Tensor) -> torch.Tensor:
-        return self.vec @ P.t()

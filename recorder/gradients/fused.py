@@ -20,7 +20,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .factors import GROUPED_EXAMPLES, Patches, _chunks, full_float32
+from .factors import Patches, full_float32
+from .gram import DirectSignals
+from .sketch import sketch_flat
 
 
 def fusable(module, layer) -> bool:
@@ -98,7 +100,7 @@ class FusedConv(torch.autograd.Function):
 
 
 def _per_example(ext, layer, call, x, g, weight, pad, one_d, has_bias):
-    """Per-example gradients in chunks: squared norms and projections stored on the call,
+    """Per-example gradients in chunks: squared norms, sketch and Gram stored on the call,
     their sums returned as (grad_weight, grad_bias)."""
     m = layer.module
     with_bias = "bias" in layer.params
@@ -110,18 +112,14 @@ def _per_example(ext, layer, call, x, g, weight, pad, one_d, has_bias):
         kernel, stride, dil = tuple(m.kernel_size), tuple(m.stride), tuple(m.dilation)
     with torch.no_grad(), full_float32():
         patches = Patches(x, g, kernel, stride, dil, pad, True, with_bias, None)
-        mats = ext._matrices(layer, g.device) if layer.proj_size else None
+        sketch = None
+        if ext.proj_total:
+            hs, cache = ext._hashes(layer, g.device)
+            sketch = lambda f: sketch_flat(f, hs, ext.proj_total, cache)  # noqa: E731
         n = weight[0].numel()
-        total, sq, proj = None, [], []
-        for s in _chunks(x.shape[0], layer.shape[0] * layer.shape[1], GROUPED_EXAMPLES):
-            G = patches.grads(s)
-            part = G.sum(0)
-            total = part if total is None else total + part
-            sq.append(G.square().sum((1, 2)))
-            if mats:
-                L, R = mats
-                proj.append(torch.matmul(torch.matmul(L, G), R.t()).flatten(1))
-        call[2]["fused"] = (torch.cat(sq), torch.cat(proj) if mats else None)
+        direct = DirectSignals(patches.grads, x.shape[0], *layer.shape)
+        sq, proj, gram, total = direct.run(sketch, ext._want_gram, want_sum=True)
+        call[2]["fused"] = (sq, proj, gram)
         gw = total[:, :n].reshape(weight.shape)
         if not has_bias:
             return gw, None

@@ -1,11 +1,17 @@
-"""Seeded random projection matrices for per-example gradient sketches.
+"""Seeded hashes of the shared CountSketch / TensorSketch of the covered gradient.
 
-Matrices are never stored: each is regenerated from (seed, layer name, role) with a
-stable hash (zlib.crc32, not Python's salted `hash`) and a CPU `torch.Generator`, so the
-same store metadata always yields the same matrices on any device. Entries are
-N(0, 1/k) for a k-row matrix, which makes E[<Px, Py>] = <x, y> (an unbiased JL sketch);
-for the factored sketch vec(L G R^T) with independent L, R the same holds because
-E[L^T L] = I and E[R^T R] = I.
+The stored sketch of an example's gradient g (all covered layers concatenated) is one
+K-vector S g = sum over layers of S_l g_l. Each layer's S_l is a CountSketch with its own
+independent hashes: a vector layer (n,) sends entry j to bucket h(j) with sign s(j); a
+matrix layer (out, in) sends entry (o, i) to bucket (h1(o) + h2(i)) mod K with sign
+s1(o) s2(i), i.e. a TensorSketch, which can be computed from the factors of G = sum u v^T
+with FFTs and never needs G. E[<Sx, Sy>] = <x, y> and Var ~ (|x|^2 |y|^2 + <x, y>^2) / K,
+as for a dense Gaussian JL of the same size (measured: benchmarks/sketch_fidelity.py), and
+no dims are allocated per layer.
+
+Hashes are never stored: each is regenerated from (seed, layer name, role, K) with a stable
+hash (zlib.crc32, not Python's salted `hash`) and a CPU `torch.Generator`, so the same
+store metadata yields the same sketch on any device.
 """
 from __future__ import annotations
 
@@ -14,65 +20,52 @@ import zlib
 
 import torch
 
-__all__ = ["layer_seed", "gaussian_matrix", "split_dims", "allocate_dims", "projection_matrices"]
+__all__ = ["layer_seed", "gaussian_matrix", "hashes", "layer_hashes", "sketch_reference"]
 
 
 def layer_seed(seed: int, layer: str, role: str) -> int:
-    """Stable 63-bit seed for one matrix of one layer ("L", "R" or "P")."""
+    """Stable 63-bit seed for one hash of one layer ("L", "R" or "P")."""
     return (int(seed) * 1_000_003 + zlib.crc32(f"{layer}/{role}".encode())) % (2**63 - 1)
 
 
-def gaussian_matrix(seed: int, layer: str, role: str, rows: int, cols: int,
-                    device=None) -> torch.Tensor:
-    """(rows, cols) float32 matrix with i.i.d. N(0, 1/rows) entries, generated on CPU."""
+def hashes(seed: int, layer: str, role: str, n: int, K: int, device=None):
+    """(bucket (n,) int64 in [0, K), sign (n,) float32 +-1), generated on CPU."""
     gen = torch.Generator(device="cpu")
     gen.manual_seed(layer_seed(seed, layer, role))
-    m = torch.randn(rows, cols, generator=gen, dtype=torch.float32)
-    m.mul_(1.0 / math.sqrt(rows))
+    h = torch.randint(0, K, (n,), generator=gen)
+    s = torch.randint(0, 2, (n,), generator=gen).float().mul_(2).sub_(1)
+    return (h, s) if device is None else (h.to(device), s.to(device))
+
+
+def layer_hashes(seed: int, layer: str, form: str, shape, K: int, device=None) -> tuple:
+    """(h1, s1, h2, s2) of a factored (out, in) layer, (h, s) of a vector (n,) layer."""
+    if form == "factored":
+        return (*hashes(seed, layer, "L", shape[0], K, device), *hashes(seed, layer, "R", shape[1], K, device))
+    return hashes(seed, layer, "P", shape[0], K, device)
+
+
+def gaussian_matrix(seed: int, layer: str, role: str, rows: int, cols: int, device=None) -> torch.Tensor:
+    """(rows, cols) i.i.d. N(0, 1/rows): the dense JL that benchmarks compare the sketch to."""
+    gen = torch.Generator(device="cpu")
+    gen.manual_seed(layer_seed(seed, layer, role))
+    m = torch.randn(rows, cols, generator=gen, dtype=torch.float32).mul_(1.0 / math.sqrt(rows))
     return m if device is None else m.to(device)
 
 
-def split_dims(dim: int, out_features: int, in_features: int) -> tuple[int, int]:
-    """Factor a layer's sketch size into (k_out, k_in) with k_out * k_in <= dim.
-
-    k_out ~ sqrt(dim) (a power of two), capped by the matrix's own sizes; the rest goes to
-    k_in. Neither factor exceeds the dimension it compresses.
-    """
-    dim = max(1, int(dim))
-    k_out = 1
-    while k_out * 2 <= math.isqrt(dim):
-        k_out *= 2
-    k_out = max(1, min(k_out, out_features))
-    k_in = max(1, min(dim // k_out, in_features))
-    # give back unused room to k_out when k_in hit its cap
-    k_out = max(1, min(out_features, dim // k_in))
-    return k_out, k_in
-
-
-def allocate_dims(names: list[str], total: int | dict | None) -> dict[str, int]:
-    """Sketch size per layer: a dict passes through; an int is split equally (the
-    remainder goes to the first layers); None means no projection."""
-    if total is None:
-        return {}
-    if isinstance(total, dict):
-        return {n: int(total[n]) for n in names if n in total and total[n]}
-    if not names:
-        return {}
-    base, rem = divmod(int(total), len(names))
-    return {n: base + (1 if i < rem else 0) for i, n in enumerate(names) if base or i < rem}
-
-
-def projection_matrices(metadata: dict, layer: str, device=None) -> dict:
-    """Rebuild a layer's matrices from the store's `extensions["gradients"]` metadata.
-
-    Returns {"L": (k_out, out), "R": (k_in, in)} for factored layers or {"P": (k, n)} for
-    vector layers; needs torch (analysis never does: it reads the stored projections)."""
-    seed = metadata["projection"]["seed"]
+def sketch_reference(metadata: dict, layer: str, grads: torch.Tensor) -> torch.Tensor:
+    """The layer's sketch (B, K) of explicit per-example gradients, (B, out, in) or (B, n),
+    by scattering every entry into its bucket: the slow, obvious definition that the
+    factored computations must reproduce (tests) and that any reader can re-derive."""
+    proj = metadata["projection"]
     info = next(l for l in metadata["layers"] if l["name"] == layer)
-    if not info["proj_dims"]:
-        return {}
+    K = proj["dim"]
+    hs = layer_hashes(proj["seed"], layer, info["form"], info["matrix_shape"], K, grads.device)
+    B = grads.shape[0]
     if info["form"] == "factored":
-        (k_out, k_in), (n_out, n_in) = info["proj_dims"], info["matrix_shape"]
-        return {"L": gaussian_matrix(seed, layer, "L", k_out, n_out, device),
-                "R": gaussian_matrix(seed, layer, "R", k_in, n_in, device)}
-    return {"P": gaussian_matrix(seed, layer, "P", info["proj_dims"][0], info["matrix_shape"][0], device)}
+        h1, s1, h2, s2 = hs
+        idx = ((h1[:, None] + h2[None, :]) % K).reshape(-1)
+        sign = (s1[:, None] * s2[None, :]).reshape(-1)
+    else:
+        idx, sign = hs
+    flat = grads.reshape(B, -1).float() * sign
+    return torch.zeros(B, K, dtype=flat.dtype, device=flat.device).index_add_(1, idx, flat)

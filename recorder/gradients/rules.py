@@ -30,10 +30,18 @@ def register_rule(*types):
     return deco
 
 
+#: rules for classes of optional libraries, matched by (module, qualname) so that the
+#: library is never imported by us (HF transformers' Conv1D)
+NAMED_RULES: dict[tuple[str, str], "Rule"] = {}
+
+
 def find_rule(module: nn.Module) -> "Rule | None":
     for t in type(module).__mro__:
         if t in RULES:
             return RULES[t]
+        named = NAMED_RULES.get((t.__module__, t.__qualname__))
+        if named is not None:
+            return named
     return None
 
 
@@ -57,6 +65,23 @@ class Rule:
         """State needed later that may change before backward (e.g. running stats)."""
         return {}
 
+    def capture_call(self, module, args: tuple, kwargs: dict):
+        """(the input the rule needs, captured state) from a forward call's arguments."""
+        x = args[0] if args else next(iter(kwargs.values()))
+        return x, self.capture(module, x)
+
+    def leading(self, module, x: torch.Tensor) -> int:
+        """Dimensions of the input before the feature dimensions. With two or more, the
+        batch may be the second one (sequence-first layouts); see extension._batch_axis."""
+        return 1
+
+    def layout(self, module, params: list[str], grads: list) -> torch.Tensor:
+        """The parameters' (batch) gradients laid out as this rule's matrix or vector."""
+        if self.form == "vector":
+            return torch.cat([g.reshape(-1) for g in grads])
+        out = self.shape(module, params)[0]
+        return torch.cat([g.reshape(out, -1) for g in grads], 1)
+
     def grad(self, module, calls: list, params: list[str]):
         raise NotImplementedError
 
@@ -68,6 +93,9 @@ def _rows(t: torch.Tensor) -> torch.Tensor:
 
 @register_rule(nn.Linear)
 class LinearRule(Rule):
+    def leading(self, module, x):
+        return x.dim() - 1
+
     def shape(self, module, params):
         return (module.out_features, module.in_features * ("weight" in params) + ("bias" in params))
 
@@ -144,8 +172,14 @@ class EmbeddingRule(Rule):
             return "scale_grad_by_freq couples examples"
         return None
 
+    #: outputs of (T,) or (1, T) indices may be broadcast over the batch (positions)
+    broadcastable = True
+
     def params(self, module):
         return ["weight"] if module.weight.requires_grad else []
+
+    def leading(self, module, x):
+        return x.dim()
 
     def shape(self, module, params):
         return (module.num_embeddings, module.embedding_dim)
@@ -216,6 +250,9 @@ class BatchNormRule(_AffineRule):
 
 @register_rule(nn.LayerNorm)
 class LayerNormRule(_AffineRule):
+    def leading(self, module, x):
+        return x.dim() - len(module.normalized_shape)
+
     def reduce_dims(self, module, g):
         return tuple(range(1, g.dim() - len(module.normalized_shape)))
 
@@ -230,3 +267,102 @@ class GroupNormRule(_AffineRule):
 
     def normalized(self, module, x, extra):
         return F.group_norm(x, module.num_groups, eps=module.eps)
+
+
+if hasattr(nn, "RMSNorm"):
+    @register_rule(nn.RMSNorm)
+    class RMSNormRule(LayerNormRule):
+        def normalized(self, module, x, extra):
+            return F.rms_norm(x, module.normalized_shape, None, module.eps)
+
+
+class HFConv1DRule(LinearRule):
+    """Hugging Face `transformers.pytorch_utils.Conv1D`: y = x W + b with W of shape
+    (in, out), i.e. a Linear with a transposed weight. Laid out as (out, in [+1])."""
+
+    def shape(self, module, params):
+        n_in, n_out = module.weight.shape
+        return (n_out, n_in * ("weight" in params) + ("bias" in params))
+
+    def layout(self, module, params, grads):
+        return torch.cat([g.t() if n == "weight" else g.reshape(-1, 1) for n, g in zip(params, grads)], 1)
+
+
+NAMED_RULES[("transformers.pytorch_utils", "Conv1D")] = HFConv1DRule()
+
+
+@register_rule(nn.EmbeddingBag)
+class EmbeddingBagRule(Rule):
+    """One bag per example: G_i = sum over the bag's entries n of c_in e_{idx_in} g_i^T, with
+    c = per_sample_weights (sum), 1/bag size (mean, padding entries not counted) or 1."""
+
+    def unsupported(self, module):
+        if module.mode == "max":
+            return ("EmbeddingBag(mode='max'): each output dimension takes its gradient from a "
+                    "different entry, which is not a product of factors; use mode='sum' or 'mean'")
+        if module.scale_grad_by_freq:
+            return "scale_grad_by_freq couples examples"
+        return None
+
+    def params(self, module):
+        return ["weight"] if module.weight.requires_grad else []
+
+    def shape(self, module, params):
+        return (module.num_embeddings, module.embedding_dim)
+
+    def capture_call(self, module, args, kwargs):
+        names = ("input", "offsets", "per_sample_weights")
+        got = dict(zip(names, args), **kwargs)
+        idx, offsets, psw = got["input"], got.get("offsets"), got.get("per_sample_weights")
+        if idx.dim() == 1:  # flat entries + offsets: pad to (bags, longest bag)
+            ends = offsets[1:] if module.include_last_offset else torch.cat(
+                [offsets[1:], offsets.new_tensor([idx.numel()])])
+            starts = offsets[:len(ends)]
+            size = ends - starts
+            width = int(size.max()) if len(size) else 0
+            pos = starts[:, None] + torch.arange(width, device=idx.device)
+            valid = torch.arange(width, device=idx.device) < size[:, None]
+            pos = torch.where(valid, pos, torch.zeros_like(pos))
+            flat_w = psw if psw is not None else None
+            idx, psw = idx[pos] * valid, (flat_w[pos] * valid if flat_w is not None else None)
+        else:
+            valid = torch.ones_like(idx, dtype=torch.bool)
+        if module.padding_idx is not None:
+            valid = valid & (idx != module.padding_idx)
+        c = valid.to(torch.float32) if psw is None else psw.detach().float() * valid
+        if module.mode == "mean":
+            c = c / valid.sum(1, keepdim=True).clamp_min(1)
+        return idx, {"coef": c}
+
+    def grad(self, module, calls, params):
+        pairs = []
+        for idx, g, extra in calls:
+            right = extra["coef"][:, :, None] * g.float()[:, None, :]
+            pairs.append((OneHot(idx, module.num_embeddings), Dense(right)))
+        return Factored(pairs, *self.shape(module, params))
+
+
+class TiedRule(Rule):
+    """One parameter used by several modules (tied input/output embeddings): the calls of
+    every user, each turned into factors by its own module's rule, are summed as one
+    layer's calls, so cross terms between the uses are included."""
+
+    def __init__(self, local: str, first_rule: Rule, first_module):
+        self.local, self.first_rule, self.first_module = local, first_rule, first_module
+        self.form = first_rule.form
+
+    def shape(self, module, params):
+        return self.first_rule.shape(self.first_module, [self.local])
+
+    def layout(self, module, params, grads):
+        return self.first_rule.layout(self.first_module, [self.local], grads)
+
+    def grad(self, module, calls, params):
+        by_module: dict[int, list] = {}
+        for c in calls:
+            by_module.setdefault(id(c[2]["module"]), []).append(c)
+        parts = [group[0][2]["rule"].grad(group[0][2]["module"], group, [self.local])
+                 for group in by_module.values()]
+        if self.form == "vector":
+            return Vector(sum(p.vec for p in parts))
+        return Factored([pair for p in parts for pair in p.calls], *self.shape(module, params))
