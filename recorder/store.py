@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import platform
 import shutil
+import uuid
 import warnings
 from datetime import datetime, timezone
 from pathlib import Path
@@ -93,8 +94,10 @@ def create_store(path: Path, overwrite: bool, attrs: dict, storage_options: dict
         shutil.rmtree(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     root = zarr.open_group(str(path), mode="w-", zarr_format=3)
+    # run_id names this recording wherever its figures end up (file metadata, reports)
     root.attrs.update({"dynascope": {"schema_version": SCHEMA_VERSION}, "status": "recording",
-                       "committed": {}, "created": now(), "versions": versions(), **attrs})
+                       "committed": {}, "created": now(), "versions": versions(),
+                       "run_id": uuid.uuid4().hex, **attrs})
     return root
 
 
