@@ -14,6 +14,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def snippets() -> list[str]:
     text = (ROOT / "README.md").read_text()
     api = text[text.index("## Python API"):]
+    api = api[:api.index("\n## ", 1)]  # that section only (the framework sections have their own tests)
     return [b for b in re.findall(r"```python\n(.*?)```", api, re.S) if "Recorder(" in b or "open_run(" in b]
 
 
