@@ -15,6 +15,7 @@ from .features import layer_cka  # noqa: F401,E402
 from .cka import cka, cka_matrix, minibatch_cka  # noqa: F401,E402  analysis.cka(X, Y) is the function
 from .opposing import majority_opposition, opposing_groups, opposing_pairs  # noqa: F401,E402  opposing signals (issue 4)
 from .gradient_dynamics import gradient_dynamics, gradient_signs  # noqa: F401,E402  optimization insight (issue 7)
+from .gap import generalisation_gap  # noqa: F401,E402  train/held-out gap at matching passes
 from . import summaries  # noqa: F401,E402  one-line findings for `dynascope analyze` (after registration)
 
 __all__ = [

@@ -36,7 +36,8 @@ def edge_index(edges: np.ndarray, value: float, what: str, snap: bool = False) -
 
 
 def _rolling_mean(x: xr.DataArray, window: int) -> xr.DataArray:
-    return x.rolling(step=window, min_periods=1).mean()
+    """Centred: a trailing mean would move every peak late by half a window."""
+    return x.rolling(step=min(window, x.sizes["step"]), center=True, min_periods=1).mean()
 
 
 def _ratio(num, den):

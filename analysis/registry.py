@@ -5,11 +5,13 @@ hard-coding analyses; `available(run)` says whether the run holds the data it ne
 """
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 from typing import Callable
 
 import xarray as xr
 
+from . import parameters
 from .run import Run
 
 
@@ -57,12 +59,34 @@ def register_analysis(name: str, needs: tuple[str, ...] = (), description: str =
     """Decorator: add an analysis to the registry under `name`."""
 
     def deco(func):
-        doc = (func.__doc__ or "").strip().splitlines()
-        ANALYSES[name] = AnalysisEntry(name, func, tuple(needs), description or (doc[0] if doc else ""),
+        wrapped = parameters.resolving(name, func)
+        ANALYSES[name] = AnalysisEntry(name, wrapped, tuple(needs), description or first_paragraph(func.__doc__),
                                        summary=summary, tasks=tuple(tasks))
-        return func
+        return wrapped
 
     return deco
+
+
+def first_paragraph(doc: str | None) -> str:
+    """The docstring's first paragraph on one line (a caption, never cut mid-sentence)."""
+    lines = []
+    for line in (doc or "").strip().splitlines():
+        if not line.strip():
+            break
+        lines.append(line.strip())
+    return " ".join(lines)
+
+
+def defaults(entry: AnalysisEntry) -> dict:
+    """Keyword parameters of an analysis and their defaults (for `dynascope list`)."""
+    sig = inspect.signature(entry.func)
+    return {k: p.default for k, p in list(sig.parameters.items())[1:]
+            if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+
+
+def open_ended(func) -> bool:
+    """Whether a function takes **params (passed on to another analysis)."""
+    return any(p.kind == p.VAR_KEYWORD for p in inspect.signature(func).parameters.values())
 
 
 def register_summary(name: str):

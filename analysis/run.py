@@ -236,8 +236,19 @@ def save_result(path: str | Path, name: str, result: xr.Dataset, params: dict) -
     from datetime import datetime, timezone
 
     out = result.copy()
-    out.attrs = {**result.attrs, "analysis": name, "params": json.loads(json.dumps(params, default=str)),
-                 "created": datetime.now(timezone.utc).isoformat()}
+    from .parameters import json_safe
+    from .registry import ANALYSES, defaults
+
+    effective = result.attrs.get("effective_params")
+    if effective is None and name in ANALYSES:  # saved from a plain call: defaults + what was passed
+        effective = {**defaults(ANALYSES[name]), **params}
+    # the result's own full parameters stay; `run_committed` lets a reader tell a result
+    # saved before the run was resumed from one that covers every recorded row
+    out.attrs = json_safe({**result.attrs, "analysis": name,
+                           "params": {**result.attrs.get("params", {}), **params},
+                           **({"effective_params": effective} if effective is not None else {}),
+                           "run_committed": _read_root_attrs(path).get("committed", {}),
+                           "created": datetime.now(timezone.utc).isoformat()})
     for v in out.variables.values():
         v.encoding = {}
     group = f"analysis/{name}"

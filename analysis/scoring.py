@@ -92,3 +92,29 @@ def mislabel_detection(run: Run, source: str = "train", correct_threshold: float
                       "n_dropped": ("score", np.array(dropped))}, coords={"score": names})
     out.attrs.update(source=source, num_mislabeled=int(truth.sum()), num_examples=int(truth.size))
     return out
+
+
+def score_opposing_groups(run: Run, groups: xr.Dataset) -> xr.Dataset:
+    """Precision and recall of an `opposing_groups` result against the planted opposing
+    feature (ground_truth/has_planted_feature), over the tracked probe examples.
+
+    Precision: share of the examples placed in an opposing group that carry the planted
+    feature; recall: share of tracked planted examples placed in one."""
+    truth = run.ground_truth["has_planted_feature"].values.astype(bool)[groups["example_id"].values]
+    det = groups["detected"].values.astype(bool)
+    tp = int((det & truth).sum())
+    precision = tp / det.sum() if det.sum() else float("nan")
+    recall = tp / truth.sum() if truth.sum() else float("nan")
+    out = xr.Dataset({"precision": precision, "recall": recall, "detected": int(det.sum()),
+                      "planted": int(truth.sum()), "true_positives": tp, "tracked": int(det.size)})
+    out.attrs.update(group_params=groups.attrs.get("params", {}), group_pairs=int(groups.sizes["opposition"]))
+    return out
+
+
+@register_analysis("opposing_detection", needs=("ground_truth/has_planted_feature", "probe/grad_proj", "probe/loss"))
+def opposing_detection(run: Run, **group_params) -> xr.Dataset:
+    """Precision and recall of the opposing groups (found with `group_params`, passed to
+    opposing_groups) for the examples that carry the planted opposing feature."""
+    from .opposing import opposing_groups
+
+    return score_opposing_groups(run, opposing_groups(run, **group_params))

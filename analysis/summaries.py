@@ -37,9 +37,14 @@ def _opposing_pairs(r: xr.Dataset) -> str:
 
 @register_summary("forgetting")
 def _forgetting(r: xr.Dataset) -> str:
+    """Always the mean over examples learned at least once, whatever `never_learned` says,
+    and the convention named: never-learned examples would otherwise count as presentations."""
     ev = r["forgetting_events"].values
-    return (f"{int(r['unforgettable'].sum())} unforgettable, {int(r['never_learned'].sum())} never learned; "
-            f"mean {np.nanmean(ev[np.isfinite(ev)]):.2f} forgetting events per example")
+    never = r["never_learned"].values.astype(bool)
+    learned = ev[~never & np.isfinite(ev)]
+    return (f"{int(r['unforgettable'].sum())} unforgettable, {int(never.sum())} never learned; "
+            f"mean {np.mean(learned) if len(learned) else float('nan'):.2f} forgetting events per learned example "
+            f"(never-learned examples excluded from the mean)")
 
 
 @register_summary("mislabel_detection")
@@ -49,3 +54,19 @@ def _mislabel(r: xr.Dataset) -> str:
                                                  int(k) < r.attrs.get("num_examples", 0) else "")
                       for s, v, k in zip(r["score"].values, r["auroc"].values, n))
     return f"AUROC for finding the flipped labels: {pairs}"
+
+
+@register_summary("opposing_detection")
+def _opposing_detection(r: xr.Dataset) -> str:
+    return (f"opposing groups vs the planted feature: precision {float(r['precision']):.2f}, "
+            f"recall {float(r['recall']):.2f} ({int(r['true_positives'])} of {int(r['detected'])} detected "
+            f"are planted; {int(r['planted'])} planted among {int(r['tracked'])} tracked)")
+
+
+@register_summary("generalisation_gap")
+def _gap(r: xr.Dataset) -> str:
+    line = (f"at step {int(r['step'][-1])}: probe-subset accuracy {100 * float(r['probe_accuracy'][-1]):.1f}% vs "
+            f"held-out {100 * float(r['eval_accuracy'][-1]):.1f}% (same model), gap {100 * float(r['gap'][-1]):+.1f} pp")
+    if "clean_gap" in r:
+        line += f"; on unflipped probe labels {100 * float(r['clean_gap'][-1]):+.1f} pp"
+    return line

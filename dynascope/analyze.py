@@ -56,6 +56,24 @@ def summary_lines(run) -> list[str]:
     return lines
 
 
+def check_names(only, per: dict) -> None:
+    """Unknown analysis names or parameters: one error suggesting close matches."""
+    from analysis import ANALYSES
+    from analysis.parameters import unknown_message
+    from analysis.registry import defaults, open_ended
+
+    for name in list(only) + list(per):
+        if name not in ANALYSES:
+            raise ValueError(unknown_message("analysis", name, ANALYSES))
+    for name, kv in per.items():
+        known = defaults(ANALYSES[name])
+        if open_ended(ANALYSES[name].func):
+            continue  # its **params go on to another analysis, which checks them
+        for key in kv:
+            if key not in known:
+                raise ValueError(unknown_message(f"parameter of {name}", key, known))
+
+
 def run_analyses(path, only=(), save=False, params=(), echo=print, scheduler=None,
                  storage_options=None) -> dict:
     """`scheduler`: address of the user's dask.distributed scheduler to compute on (None:
@@ -69,15 +87,13 @@ def run_analyses(path, only=(), save=False, params=(), echo=print, scheduler=Non
 
 
 def _run_analyses(path, only, save, params, echo, storage_options) -> dict:
-    from analysis import ANALYSES, open_run, save_result
+    from analysis import ANALYSES, open_run, parameters, save_result
 
     run = open_run(path, storage_options=storage_options)
+    per = parse_params(params)
+    check_names(only, per)
     for line in summary_lines(run):
         echo(line)
-    per = parse_params(params)
-    unknown = (set(only) | set(per)) - set(ANALYSES)
-    if unknown:
-        raise ValueError(f"unknown analysis {sorted(unknown)}; known: {', '.join(sorted(ANALYSES))}")
     names = list(only) or [a.name for a in ANALYSES.values() if a.available(run)]
     results = {}
     echo("analyses:")
@@ -87,7 +103,10 @@ def _run_analyses(path, only, save, params, echo, storage_options) -> dict:
         if reason:
             echo(f"  {name:<20} skipped: {reason}")
             continue
-        result = entry.func(run, **per.get(name, {}))
+        # resolved like a figure resolves it (never from an older saved result), so the
+        # effective parameters saved with it are the ones `dynascope figures` will match
+        with parameters.use(per, use_saved=False):
+            result = entry.func(run)
         results[name] = result
         dims = ", ".join(f"{k}={v}" for k, v in result.sizes.items())
         echo(f"  {name:<20} {dims}  [{', '.join(list(result.data_vars)[:6])}]")

@@ -183,39 +183,93 @@ def analyze(run_path, only, save, params, opposing, scheduler, storage_options):
                  storage_options=options)
 
 
-# -- figures / report ------------------------------------------------------------------
-@main.command()
-@click.argument("run_path", type=click.Path())
-@click.option("--out", required=True, type=click.Path(file_okay=False), help="Output directory.")
-@click.option("--format", "formats", default="png", help="Comma-separated: png,pdf,svg.")
-@click.option("--only", multiple=True, help="Figures to render (default: every available one).")
-@click.option("--animations/--no-animations", default=True, help="Also render GIF animations.")
-@user_errors
-def figures(run_path, out, formats, only, animations):
-    """Render every figure the run has data for."""
-    from analysis import open_run
-    from figures import render_all
-
+# -- figures / report / list ------------------------------------------------------------
+def _formats(formats: str) -> tuple[str, ...]:
     fmts = tuple(f.strip().lower() for f in formats.split(",") if f.strip())
     bad = set(fmts) - {"png", "pdf", "svg"}
     if bad:
         raise click.BadParameter(f"unsupported format(s) {sorted(bad)}; use png, pdf or svg", param_hint="--format")
-    written = render_all(open_run(run_path), out, formats=fmts, names=set(only) or None, animations=animations)
+    return fmts
+
+
+def _echo_written(written, out) -> None:
+    files = 0
     for name, paths in written.items():
+        files += len(paths)
         click.echo(f"{name}: {', '.join(str(p) for p in paths)}")
-    click.echo(f"{len(written)} figure(s) in {out}")
+    click.echo(f"wrote {files} file(s) for {len(written)} figure(s) in {out}"
+               + (f"; {len(written.failed)} failed" if written.failed else ""))
+    for name, why in written.failed.items():
+        click.echo(f"dynascope: figure '{name}' failed: {why}", err=True)
+    if written.failed:
+        raise SystemExit(1)
+
+
+@main.command()
+@click.argument("run_paths", nargs=-1, type=click.Path())
+@click.option("--out", type=click.Path(file_okay=False), help="Output directory (required without --spec).")
+@click.option("--spec", type=click.Path(dir_okay=False, exists=True),
+              help="Batch specification (TOML) naming runs, figures, parameters and style.")
+@click.option("--format", "formats", default="png", help="Comma-separated: png,pdf,svg.")
+@click.option("--only", multiple=True, help="Figures to render (default: every available one).")
+@click.option("--param", "params", multiple=True, metavar="NAME.KEY=VALUE",
+              help="Analysis or figure parameter, e.g. --param opposing_pairs.cos_threshold=-0.7 (repeatable).")
+@click.option("--style", "style_name", type=click.Choice(["default", "paper", "talk"]), default="default")
+@click.option("--width", default=None, help="single (3.3 in), double (6.9 in) or inches; default: each figure's own.")
+@click.option("--dpi", default=300, type=click.IntRange(30, 2400), help="Resolution of PNG output.")
+@click.option("--animations/--no-animations", default=True, help="Also render GIF animations.")
+@user_errors
+def figures(run_paths, out, spec, formats, only, params, style_name, width, dpi, animations):
+    """Render every figure the runs have data for; with several runs, also comparison figures
+    (seeds of one configuration averaged). Draws from results saved by `analyze --save`."""
+    from figures.batch import render_runs, render_spec
+    from figures.style import Look
+
+    from .analyze import parse_params
+
+    if spec:
+        if run_paths or out or only or params:
+            raise click.UsageError("--spec names runs, output, figures and parameters itself; "
+                                   "pass either --spec or RUN... --out, not both")
+        from figures.batch import load_spec
+
+        written = render_spec(spec)
+        _echo_written(written, load_spec(spec).out)
+        return
+    if not run_paths or not out:
+        raise click.UsageError("pass RUN [RUN ...] and --out DIR, or --spec FILE")
+    look = Look.parse(style_name, width, dpi)
+    written = render_runs(run_paths, out, _formats(formats), names=list(only) or None,
+                          params=parse_params(params), look=look, animations=animations)
+    _echo_written(written, out)
 
 
 @main.command()
 @click.argument("run_path", type=click.Path())
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Output directory.")
+@click.option("--param", "params", multiple=True, metavar="NAME.KEY=VALUE",
+              help="Analysis or figure parameter, as for `figures` (repeatable).")
+@click.option("--animations/--no-animations", default=True, help="Also render GIF animations.")
 @user_errors
-def report(run_path, out):
-    """Write a text summary and an HTML report with figures and key numbers."""
+def report(run_path, out, params, animations):
+    """Write report.html (sections, figures, findings, scores against ground truth) and
+    summary.txt into OUT. Draws from results saved by `analyze --save`."""
     from figures.report import write_report
 
-    path = write_report(run_path, out)
+    from .analyze import parse_params
+
+    path = write_report(run_path, out, params=parse_params(params), animations=animations, progress=True)
     click.echo(f"report: {path}")
+
+
+@main.command(name="list")
+@click.option("--json", "as_json", is_flag=True, help="Print as JSON.")
+def list_(as_json):
+    """List the analyses and figures, with their parameters and defaults."""
+    from .describe import catalogue, format_catalogue
+
+    cat = catalogue()
+    click.echo(json.dumps(cat, indent=2, default=str) if as_json else format_catalogue(cat))
 
 
 # -- demo ------------------------------------------------------------------------------

@@ -88,3 +88,47 @@ def format_description(d: dict) -> str:
     if d["saved_analyses"]:
         lines.append(f"saved analyses: {', '.join(d['saved_analyses'])}")
     return "\n".join(lines)
+
+
+def catalogue() -> dict:
+    """Every analysis, figure and comparison figure with its parameters and defaults."""
+    import analysis
+    import figures
+    from analysis.registry import defaults
+    from figures.compare import COMPARISONS
+    from figures.render import figure_parameters
+
+    def clean(d):
+        return {k: (None if v is inspect_empty() else v) for k, v in d.items()}
+
+    return {
+        "analyses": {n: {"description": e.description, "needs": list(e.needs), "params": clean(defaults(e))}
+                     for n, e in analysis.ANALYSES.items()},
+        "figures": {n: {"description": e.description, "needs": list(e.needs), "kind": e.kind,
+                        "params": clean(figure_parameters(n))} for n, e in figures.FIGURES.items()},
+        "comparisons": {n: {"description": c.description, "needs": list(c.needs)} for n, c in COMPARISONS.items()},
+    }
+
+
+def inspect_empty():
+    import inspect
+
+    return inspect.Parameter.empty
+
+
+def format_catalogue(cat: dict) -> str:
+    import textwrap
+
+    lines = []
+    for section, title in (("analyses", "Analyses (dynascope analyze --only NAME --param NAME.KEY=VALUE)"),
+                           ("figures", "Figures (dynascope figures --only NAME --param NAME.KEY=VALUE)"),
+                           ("comparisons", "Comparison figures (dynascope figures RUN RUN ... --out DIR)")):
+        lines += ["", title]
+        for name, e in cat[section].items():
+            lines.append(f"  {name}  [needs {', '.join(e['needs']) or 'nothing'}]")
+            lines += textwrap.wrap(e["description"], 92, initial_indent="      ", subsequent_indent="      ")
+            ps = e.get("params", {})
+            if ps:
+                lines += textwrap.wrap(", ".join(f"{k}={v!r}" for k, v in ps.items()), 92,
+                                       initial_indent="      parameters: ", subsequent_indent="        ")
+    return "\n".join(lines[1:])

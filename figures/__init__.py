@@ -14,6 +14,9 @@ from . import animations  # noqa: F401,E402  example-dynamics GIFs (issue 5)
 from . import opposing  # noqa: F401,E402  opposing signals (issue 4)
 from . import optimization  # noqa: F401,E402  optimization insight (issue 7)
 from .render import render_all, render_figure  # noqa: E402
+from . import compare  # noqa: F401,E402  figures over several runs
+from .batch import render_runs, render_spec  # noqa: E402
+from .report import write_report  # noqa: E402
 
 __all__ = ["FIGURES", "available_figures", "register_figure", "PALETTE", "save_figure",
-           "style", "render_all", "render_figure"]
+           "style", "render_all", "render_figure", "render_runs", "render_spec", "write_report"]

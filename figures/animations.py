@@ -134,9 +134,10 @@ def training_animation(run: Run, path, fps: int = 3, max_frames: int | None = 60
 
 @register_figure("loss_trajectories_animation", needs=("train",), kind="animation")
 def loss_trajectories_animation(run: Run, path, fps: int = 5, max_frames: int | None = 60,
-                                per_class: int = 6, seed: int = 0):
-    """Per-example loss trajectories drawn over time, coloured by class; the current point is
-    green where the loss fell since the previous frame (learning) and red where it rose."""
+                                per_class: int = 3, seed: int = 0):
+    """Per-example loss trajectories drawn over time, coloured by class (a few examples per class
+    so each stays traceable), with the mean over all tracked examples in black; the current point
+    is green where the loss fell since the previous frame (learning) and red where it rose."""
     source = "probe" if run.has("probe") and run.probe.sizes.get("probe", 0) > 1 else "train"
     t = analysis.loss_trajectories(run, source=source)
     x = t["step"].values if source == "probe" else t["epoch"].values
@@ -151,7 +152,9 @@ def loss_trajectories_animation(run: Run, path, fps: int = 5, max_frames: int | 
     top = float(np.nanmax(loss[:, shown])) * 1.05
     with style():
         fig, ax = plt.subplots(figsize=(7, 4), layout="constrained")
-        lines = [ax.plot([], [], color=class_color(int(target[m])), lw=0.9, alpha=0.6)[0] for m in shown]
+        lines = [ax.plot([], [], color=class_color(int(target[m])), lw=1.1, alpha=0.8)[0] for m in shown]
+        mean = np.nanmean(loss, axis=1)
+        mean_line = ax.plot([], [], color="black", lw=2.2, label="mean, all tracked")[0]
         dots = ax.scatter(np.zeros(len(shown)), np.zeros(len(shown)), s=14, zorder=3)
         for k in np.unique(target):
             ax.plot([], [], color=class_color(int(k)), label=names[int(k)] if int(k) < len(names) else str(k))
@@ -168,6 +171,7 @@ def loss_trajectories_animation(run: Run, path, fps: int = 5, max_frames: int | 
             i = int(frames[j])
             for line, m in zip(lines, shown):
                 line.set_data(x[:i + 1], loss[:i + 1, m])
+            mean_line.set_data(x[:i + 1], mean[:i + 1])
             p = int(frames[j - 1]) if j > 0 else i
             change = loss[i, shown] - loss[p, shown]
             dots.set_offsets(np.column_stack([np.full(len(shown), x[i]), loss[i, shown]]))

@@ -50,36 +50,41 @@ def training_curves(run: Run):
     return fig
 
 
-def _class_panel(ax, c, var: str, ylabel: str, scale: float = 1.0):
-    epochs = c["epoch"].values
-    for k, cid in enumerate(c["class_id"].values):
-        ax.plot(epochs, scale * c[var].sel(class_id=cid), "-", color=class_color(k), lw=1.2,
-                label=str(c["class_name"].values[k]))
-    ax.set(xlabel="epoch", ylabel=ylabel)
-    integer_axis(ax)
-
-
 @register_figure("class_curves", needs=("train/logits",))
-def class_curves(run: Run):
-    """Class-wise accuracy and loss per epoch, train and held-out side by side (wide format)."""
+def class_curves(run: Run, columns: int = 5):
+    """Accuracy of each class per epoch, one small panel per class: training presentations
+    (solid) and held-out passes (dashed), so each class's train/held-out pair reads at a
+    glance; the grey line in every panel is the all-class training accuracy."""
     c = analysis.class_curves(run)
+    e = analysis.epoch_curves(run)
     has_eval = "eval_accuracy" in c
+    epochs = c["epoch"].values
+    k = c.sizes["class_id"]
+    ncols = min(columns, k)
+    nrows = int(np.ceil(k / ncols))
     with style():
-        cols = 4 if has_eval else 2
-        fig, axes = plt.subplots(1, cols, figsize=(2.9 * cols + 1.2, 2.7), sharex=True)
-        _class_panel(axes[0], c, "train_accuracy", "accuracy (%)", 100)
-        axes[0].set_title("Train accuracy by class")
-        _class_panel(axes[1], c, "train_loss", "loss")
-        axes[1].set_title("Train loss by class")
-        if has_eval:
-            _class_panel(axes[2], c, "eval_accuracy", "accuracy (%)", 100)
-            axes[2].set_title("Held-out accuracy by class")
-            _class_panel(axes[3], c, "eval_loss", "loss")
-            axes[3].set_title("Held-out loss by class")
-        for ax in axes[::2]:
+        fig, axes = plt.subplots(nrows, ncols, figsize=(1.5 * ncols + 0.4, 1.25 * nrows + 0.5),
+                                 sharex=True, sharey=True, squeeze=False)
+        for j, cid in enumerate(c["class_id"].values):
+            ax = axes.flat[j]
+            ax.plot(epochs, 100 * e["train_accuracy"].values, color="0.75", lw=0.8)
+            ax.plot(epochs, 100 * c["train_accuracy"].sel(class_id=cid), "-", color=TRAIN, lw=1.2)
+            if has_eval:
+                ax.plot(epochs, 100 * c["eval_accuracy"].sel(class_id=cid), "--", color=TEST, lw=1.2)
+            ax.set_title(str(c["class_name"].values[j]), fontsize=7, pad=2)
             ax.set_ylim(0, 100)
-        handles, labels = axes[0].get_legend_handles_labels()
-        fig.legend(handles, labels, title="class", loc="outside right center")
+            integer_axis(ax)
+        for ax in axes.flat[k:]:
+            ax.set_visible(False)
+        for ax in axes[:, 0]:
+            ax.set_ylabel("accuracy (%)")
+        for ax in axes[-1]:
+            ax.set_xlabel("epoch")
+        handles = [plt.Line2D([], [], color=TRAIN, lw=1.2, label="train (presentations)"),
+                   plt.Line2D([], [], color="0.75", lw=0.8, label="train, all classes")]
+        if has_eval:
+            handles.insert(1, plt.Line2D([], [], color=TEST, lw=1.2, ls="--", label="held-out"))
+        fig.legend(handles=handles, loc="outside upper center", ncols=len(handles), frameon=False)
     return fig
 
 

@@ -106,51 +106,48 @@ def difficulty_evolution(run: Run, source: str = "train"):
     return fig
 
 
-def _accuracy_tables(run: Run):
-    c = analysis.class_curves(run)
-    e = analysis.epoch_curves(run)
-    return c, e
-
-
-@register_figure("accuracy_evolution", needs=("train/logits", "eval/logits"))
+@register_figure("accuracy_evolution", needs=("probe/logits", "eval/logits"))
 def accuracy_evolution(run: Run):
-    """Train vs held-out accuracy with the generalisation gap, the per-class gap over
-    training, and per-class train/held-out accuracy at the last epoch."""
-    c, e = _accuracy_tables(run)
-    x = e["epoch"].values
-    tr, te = 100 * e["train_accuracy"].values, 100 * e["eval_accuracy"].values
-    names = list(c["class_name"].values)
+    """The generalisation gap on comparable quantities: probe-subset accuracy (training labels)
+    and held-out accuracy of the same model after the same training step, the gap (probe minus
+    held-out) per class over training, and per-class accuracies at the last such pass. With
+    ground truth, a dashed line gives the probe accuracy on examples whose label was not flipped."""
+    g = analysis.generalisation_gap(run)
+    x = g["step"].values
+    half = (np.diff(x).min() / 2) if len(x) > 1 else 0.5
+    pr, te = 100 * g["probe_accuracy"].values, 100 * g["eval_accuracy"].values
+    names = _class_names(run, g["class_id"].values)
     with style():
         fig, axes = plt.subplots(1, 3, figsize=(11, 3.2), width_ratios=[1, 1.15, 1.1])
         ax = axes[0]
-        ax.plot(x, tr, "o-", color=TRAIN, ms=3, label="train (presentations)")
-        ax.plot(x, te, "s-", color=TEST, ms=3, label="held-out (end of epoch)")
-        ax.fill_between(x, tr, te, where=tr >= te, interpolate=True, color=INCREASE, alpha=0.18, lw=0,
-                        label="gap: train > held-out")
-        ax.fill_between(x, tr, te, where=tr < te, interpolate=True, color=DECREASE, alpha=0.18, lw=0,
-                        label="gap: held-out > train")
-        ax.set(xlabel="epoch", ylabel="accuracy (%)", ylim=(0, 100), title="Train vs held-out accuracy")
-        integer_axis(ax)
-        ax.legend(loc="best", fontsize=7)
+        ax.plot(x, pr, "o-", color=TRAIN, ms=3, label="probe subset (training labels)")
+        if "probe_clean_accuracy" in g:
+            ax.plot(x, 100 * g["probe_clean_accuracy"].values, "--", color=TRAIN, lw=1,
+                    label="probe subset, unflipped labels")
+        ax.plot(x, te, "s-", color=TEST, ms=3, label="held-out")
+        ax.fill_between(x, pr, te, where=pr >= te, interpolate=True, color=INCREASE, alpha=0.18, lw=0,
+                        label="probe > held-out")
+        ax.fill_between(x, pr, te, where=pr < te, interpolate=True, color=DECREASE, alpha=0.18, lw=0,
+                        label="held-out > probe")
+        ax.set(xlabel="training step", ylabel="accuracy (%)", ylim=(0, 100),
+               title="Same model, same step")
+        ax.legend(loc="lower right", fontsize=6)
         ax = axes[1]
-        gap = 100 * (c["train_accuracy"] - c["eval_accuracy"]).transpose("class_id", "epoch").values
+        gap = 100 * g["class_gap"].transpose("class_id", "pass").values
         lim = max(5.0, float(np.nanmax(np.abs(gap))) if np.isfinite(gap).any() else 5.0)
         im = ax.imshow(gap, aspect="auto", cmap=DIVERGING_CMAP, norm=TwoSlopeNorm(0, -lim, lim),
-                       interpolation="nearest", extent=(x[0] - 0.5, x[-1] + 0.5, len(names) - 0.5, -0.5))
+                       interpolation="nearest", extent=(x[0] - half, x[-1] + half, len(names) - 0.5, -0.5))
         ax.set_yticks(np.arange(len(names)), names)
         ax.grid(False)
-        ax.set(xlabel="epoch", ylabel="class", title="Per-class gap (train − held-out)")
-        integer_axis(ax)
-        fig.colorbar(im, ax=ax).set_label("accuracy gap (percentage points)")
+        ax.set(xlabel="training step", ylabel="class", title="Per-class gap (probe − held-out)")
+        fig.colorbar(im, ax=ax).set_label("gap (percentage points)")
         ax = axes[2]
-        last = c.isel(epoch=-1)
         pos = np.arange(len(names))
-        ax.bar(pos - 0.2, 100 * last["train_accuracy"], 0.4, color=TRAIN, label="train")
-        ax.bar(pos + 0.2, 100 * last["eval_accuracy"], 0.4, color=TEST, label="held-out")
+        ax.bar(pos - 0.2, 100 * g["probe_class_accuracy"].values[-1], 0.4, color=TRAIN, label="probe subset")
+        ax.bar(pos + 0.2, 100 * g["eval_class_accuracy"].values[-1], 0.4, color=TEST, label="held-out")
         ax.set_xticks(pos, names, rotation=45, ha="right")
-        ax.set(ylabel="accuracy (%)", ylim=(0, 105), title=f"Per-class accuracy, epoch {int(x[-1])}")
-        ax.legend(loc="lower right", fontsize=7)
-        fig.suptitle("Accuracy evolution and generalisation gap")
+        ax.set(ylabel="accuracy (%)", ylim=(0, 105), title=f"Per class, step {int(g['step'].values[-1])}")
+        ax.legend(loc="lower right", fontsize=6)
     return fig
 
 

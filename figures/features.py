@@ -39,6 +39,18 @@ def _steps(ds) -> tuple[np.ndarray, str]:
     return ds["probe"].values, "probe pass"
 
 
+def unit_order(r: np.ndarray) -> np.ndarray:
+    """Units ordered by their loading on the leading eigenvector of the within-layer
+    correlation, so correlated units sit together and blocks of them become visible
+    (an arbitrary unit order shows the same matrix as noise)."""
+    m = np.nan_to_num(np.asarray(r, np.float64))
+    if m.shape[0] < 3:
+        return np.arange(m.shape[0])
+    _, vecs = np.linalg.eigh((m + m.T) / 2)
+    lead = vecs[:, -1] * np.sign(vecs[:, -1].sum() or 1)
+    return np.argsort(lead, kind="stable")
+
+
 def _heat(ax, data, cmap, vmin, vmax):
     for spine in ax.spines.values():
         spine.set_visible(True)
@@ -48,9 +60,12 @@ def _heat(ax, data, cmap, vmin, vmax):
 
 @register_figure("layer_correlation_grid", needs=NEEDS)
 def layer_correlation_grid(run: Run, probe: int = -1, layers=None, max_units: int = 48):
-    """Pearson r between the units of every pair of layers (i <= j) at one probe pass."""
+    """Pearson r between the units of every pair of layers (i <= j) at one probe pass; each
+    layer's units are ordered by the leading eigenvector of its own correlation matrix, so
+    groups of correlated units appear as blocks."""
     blocks = F.correlation_blocks(run, probe, layers, max_units)
     names = F.activation_layers(run, layers)
+    order = {a: unit_order(blocks[(a, a)].values) for a in names}
     L = len(names)
     with style():
         size = max(1.35, min(2.2, 9.0 / L))
@@ -63,11 +78,12 @@ def layer_correlation_grid(run: Run, probe: int = -1, layers=None, max_units: in
                     ax.set_axis_off()
                     continue
                 r = blocks[(a, b)].values
+                summary = mean_abs(r, exclude_diagonal=(a == b))
+                r = r[np.ix_(order[a], order[b])]
                 im = _heat(ax, r, DIVERGING_CMAP, -1, 1)
                 ax.set_xticks([])
                 ax.set_yticks([])
                 ax.grid(False)
-                summary = mean_abs(r, exclude_diagonal=(a == b))
                 ax.text(0.97, 0.03, f"mean |r| {summary:.2f}", transform=ax.transAxes, ha="right",
                         va="bottom", fontsize=6.5, bbox=dict(boxstyle="round,pad=0.2", fc="white",
                                                              ec="none", alpha=0.85))
@@ -192,18 +208,20 @@ def _chosen(run: Run, layers) -> list[str]:
 
 @register_figure("feature_correlation", needs=NEEDS)
 def feature_correlation(run: Run, layers=None, probe: int = -1, max_units: int = 128):
-    """Unit-unit (feature-feature) correlation within chosen layers (default first and last)."""
+    """Unit-unit (feature-feature) correlation within chosen layers (default first and last),
+    units ordered by the leading eigenvector of the matrix so that correlated units sit together."""
     names = _chosen(run, layers)
     with style():
         fig, axes = plt.subplots(1, len(names), figsize=(3.0 * len(names) + 1.0, 3.0), squeeze=False)
         for ax, a in zip(axes[0], names):
             r = F.feature_correlation(run, a, probe, max_units)
-            im = _heat(ax, r.values, DIVERGING_CMAP, -1, 1)
+            o = unit_order(r.values)
+            im = _heat(ax, r.values[np.ix_(o, o)], DIVERGING_CMAP, -1, 1)
             ax.set_aspect("equal")
             ax.grid(False)
             total = run.group("activations").sizes[f"{a}__unit"]
             shown = f"{r.shape[0]} units" if r.shape[0] == total else f"{r.shape[0]} of {total} units"
-            ax.set(xlabel="unit", ylabel="unit", title=f"{F.display_name(a)} ({shown})")
+            ax.set(xlabel="unit (ordered)", ylabel="unit (ordered)", title=f"{F.display_name(a)} ({shown})")
         fig.colorbar(im, ax=axes, shrink=0.85, label="Pearson r over probe examples")
         fig.suptitle(f"Feature-feature correlation ({_probe_label(run, probe)})")
     return fig

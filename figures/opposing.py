@@ -16,6 +16,7 @@ from analysis.run import Run
 
 from .montage import example_images
 from .registry import register_figure
+from .smooth import centred_mean
 from .style import DECREASE, INCREASE, PALETTE, SEQUENTIAL_CMAP, TRAIN, integer_axis, style
 
 NEEDS = ("probe/grad_proj",)
@@ -72,16 +73,19 @@ def opposing_class_matrix(run: Run, **params):
 
 
 @register_figure("gradient_cosine_histogram", needs=NEEDS)
-def gradient_cosine_histogram(run: Run, probes=-1, cos_threshold: float = -0.5, bins: int = 80):
-    """Distribution of pairwise gradient cosines, same- vs cross-class, with the threshold."""
+def gradient_cosine_histogram(run: Run, probes=-1, bins: int = 80):
+    """Distribution of pairwise gradient cosines, same- vs cross-class, with the opposing_pairs
+    threshold (as saved or set with --param opposing_pairs.cos_threshold)."""
     h = cosine_histogram(run, probes=probes, bins=bins)
+    cos_threshold = analysis.opposing_pairs.params_for(run)["cos_threshold"]
     x = h["cosine"].values
     w = x[1] - x[0]
     with style():
         fig, ax = plt.subplots(figsize=(4.6, 2.8))
         ax.bar(x, h["cross_class"], width=w, color=PALETTE[0], alpha=0.75, label="different classes")
         ax.bar(x, h["same_class"], width=w, color=PALETTE[1], alpha=0.75, label="same class")
-        ax.axvline(cos_threshold, color=INCREASE, ls="--", lw=1.2, label=f"threshold {cos_threshold}")
+        if cos_threshold is not None:
+            ax.axvline(cos_threshold, color=INCREASE, ls="--", lw=1.2, label=f"opposing: cos ≤ {cos_threshold}")
         ax.set_yscale("log")
         when = ", ".join(str(t) for t in h.attrs["times"])
         ax.set(xlabel="cosine similarity of per-example gradients", ylabel="example pairs (log)",
@@ -167,35 +171,37 @@ def opposing_gradient_norms(run: Run, **params):
 
 
 @register_figure("majority_opposition", needs=("train/grad_proj",))
-def majority_opposition_figure(run: Run, threshold: float = 0.0, window: int = 9):
-    """Share of each batch whose gradient opposes the rest of the batch, over training, and
-    each example's mean cosine to the others' mean gradient."""
-    r = analysis.majority_opposition(run, source="train", threshold=threshold)
+def majority_opposition_figure(run: Run, window: int = 9):
+    """Share of each batch whose gradient opposes the rest of the batch, over training (per
+    step, faint, and a centred moving mean), and each example's mean cosine to the others'
+    mean gradient."""
+    r = analysis.majority_opposition(run, source="train")
+    threshold = r.attrs["params"]["threshold"]
     frac = r["opposing_fraction"].values
     steps = r["step"].values
-    ok = np.isfinite(frac)
-    kernel = np.ones(window)
-    with np.errstate(invalid="ignore", divide="ignore"):  # edge-corrected moving mean
-        smooth = np.convolve(np.where(ok, frac, 0), kernel, "same") / np.convolve(ok, kernel, "same")
+    smooth = centred_mean(frac, window)
     per = r["mean_cosine"].values
     ids = r["example"].values
     with style():
         fig, (ax, ax2) = plt.subplots(1, 2, figsize=(8.2, 2.9))
         ax.plot(steps, 100 * frac, color=OTHER, lw=0.6, label="per step")
-        ax.plot(steps, 100 * smooth, color=TRAIN, lw=1.5, label=f"{window}-step mean")
+        ax.plot(steps, 100 * smooth, color=TRAIN, lw=1.5, label=f"centred {min(window, len(frac))}-step mean")
         ax.set(xlabel="training step", ylabel="examples opposing (% of batch)",
                title=f"Opposing the batch (cos to the others' mean < {threshold})")
         ax.legend()
-        edges = np.linspace(-1, 1, 41)
+        fin = per[np.isfinite(per)]
+        lo, hi = (np.percentile(fin, [0.5, 99.5]) if len(fin) else (-1.0, 1.0))
+        pad = max(0.02, 0.1 * (hi - lo))
+        edges = np.linspace(max(-1, min(lo, threshold) - pad), min(1, max(hi, threshold) + pad), 41)
         groups = [(np.ones(len(ids), bool), OTHER, "all examples")]
         if run.has("ground_truth", "has_planted_feature"):
             planted = run.ground_truth["has_planted_feature"].values[ids]
             groups = [(~planted, OTHER, "without planted feature"), (planted, INCREASE, "with planted feature")]
         for m, color, label in groups:
             v = per[m & np.isfinite(per)]
-            ax2.hist(v, bins=edges, color=color, alpha=0.75, weights=np.full(len(v), 1 / max(len(v), 1)),
-                     label=f"{label} ({len(v)})")
-        ax2.axvline(threshold, color="0.3", ls="--", lw=0.8)
+            ax2.hist(np.clip(v, edges[0], edges[-1]), bins=edges, color=color, histtype="step", lw=1.5,
+                     weights=np.full(len(v), 1 / max(len(v), 1)), label=f"{label} ({len(v)})")
+        ax2.axvline(threshold, color="0.3", ls="--", lw=0.8, label=f"threshold {threshold}")
         ax2.set(xlabel="mean cosine to the rest of the batch", ylabel="fraction of examples",
                 title="Per example, over its presentations")
         ax2.legend(fontsize=6.5, loc="upper left")

@@ -1,8 +1,8 @@
 """Optimization-insight figures (issue 7): near-zero gradient counts, released fraction,
 sign-flip fraction, weight-difference norm, and the layer-wise gradient-sign heatmap.
 
-Per-step values are drawn thin, their moving average thick and the per-epoch mean as
-markers; the x axis is the epoch, with steps placed at fractional epochs.
+Per-step values are drawn faint, their centred moving average (peaks stay in place) thick
+and the per-epoch mean as markers; the x axis is the epoch, steps at fractional epochs.
 """
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ import analysis
 from analysis.run import Run
 
 from .registry import register_figure
+from .smooth import centred_mean
 from .style import DECREASE, INCREASE, PALETTE, TRAIN, style
 
 SIGN_CMAP = LinearSegmentedColormap.from_list("dynascope_sign", [INCREASE, "#FFFFFF", DECREASE])
@@ -38,7 +39,7 @@ def _series(ax, gd, var: str, color: str, label: str, scale: float = 1.0, ma: bo
     ax.plot(x, scale * gd[var].values, "-", color=color, lw=0.6, alpha=0.35)
     if ma and f"{var}_ma" in gd:
         ax.plot(x, scale * gd[f"{var}_ma"].values, "-", color=color, lw=1.6,
-                label=f"{label}, moving average ({gd.attrs['window']} steps)")
+                label=f"{label}, centred mean ({min(gd.attrs['window'], gd.sizes['step'])} steps)")
     if f"epoch_{var}" in gd:
         ax.plot(_epoch_centres(gd), scale * gd[f"epoch_{var}"].values, "o", color=color, ms=3.5,
                 mec="white", mew=0.5, label=f"{label}, epoch mean")
@@ -81,7 +82,7 @@ def released_fraction(run: Run, near_zero: float = 1e-5, window: int = 50):
     with style():
         fig, ax = plt.subplots(figsize=(5.2, 3.0))
         _series(ax, gd, "released_fraction", TRAIN, "released")
-        ax.set(ylabel="released fraction", ylim=(0, 1),
+        ax.set(ylabel="released fraction", ylim=(0, None),
                title=f"Near-zero gradients released (|g| < {fmt_threshold(near_zero)} at t−1, ≥ at t)")
         _step_legend(ax)
     return fig
@@ -114,9 +115,11 @@ def weight_diff_norm(run: Run, window: int = 50, max_params: int = 8):
         by = gd["weight_diff_norm_by_param"]
         order = np.argsort(-gd["param_size"].values)[:max_params]
         for i, j in enumerate(sorted(order)):
-            v = by.isel(param=j).to_series().rolling(window, min_periods=1).mean().values
-            bx.plot(x, v, "-", lw=1.2, color=PALETTE[i % len(PALETTE)], label=str(gd["param"].values[j]))
-        bx.set(xlabel="epoch", ylabel="‖Δw‖ per tensor (moving average)", yscale="log",
+            raw = by.isel(param=j).values
+            color = PALETTE[i % len(PALETTE)]
+            bx.plot(x, raw, "-", lw=0.4, alpha=0.25, color=color)
+            bx.plot(x, centred_mean(raw, window), "-", lw=1.2, color=color, label=str(gd["param"].values[j]))
+        bx.set(xlabel="epoch", ylabel="‖Δw‖ per tensor (centred mean)", yscale="log",
                title="Per parameter tensor" + (f" (largest {max_params})" if len(gd["param"]) > max_params else ""))
         bx.legend(loc="center left", bbox_to_anchor=(1.0, 0.5), frameon=False)
     return fig
@@ -179,7 +182,7 @@ def gradient_sign_heatmap(run: Run, eps: float = 1e-5, max_columns: int = 1600, 
         im = ax.imshow(img, aspect="auto", cmap=SIGN_CMAP, vmin=-1, vmax=1, interpolation="nearest")
         _rows_axis(ax, signs)
         for c0 in col_starts[1:]:
-            ax.axvline(c0 - 0.5, color="0.15", lw=0.6)
+            ax.axvline(c0 - 0.5, color="black", lw=1.6)  # tensor boundary
         centres = col_starts + cols / 2 - 0.5
         show = cols >= 0.02 * ncol
         ax.set_xticks(centres[show], [f"{n} ({s:,})" for n, s in zip(names[show], sizes[show])],
@@ -240,9 +243,9 @@ def curvature_classes(run: Run, window: int = 50):
     with style():
         fig, (ax, bx) = plt.subplots(1, 2, figsize=(8.8, 3.2), width_ratios=(1, 1.15))
         _series(ax, gd, "minimum_like_fraction", TRAIN, "minimum-like", ma=False)
-        ma = gd["minimum_like_fraction"].rolling(step=window, min_periods=1).mean()
-        ax.plot(_fractional_epoch(gd["step_epoch"].values), ma.values, "-", color=TRAIN, lw=1.6,
-                label=f"minimum-like, moving average ({window} steps)")
+        ma = centred_mean(gd["minimum_like_fraction"].values, window)
+        ax.plot(_fractional_epoch(gd["step_epoch"].values), ma, "-", color=TRAIN, lw=1.6,
+                label=f"minimum-like, centred mean ({min(window, len(ma))} steps)")
         ax.set(ylabel="fraction of tensors with c$_t$ > 0", ylim=(0, 1.02),
                title="Minimum-like steps (secant curvature > 0)")
         _step_legend(ax)
@@ -251,7 +254,8 @@ def curvature_classes(run: Run, window: int = 50):
         bx.grid(False)
         bx.set_yticks(np.arange(img.shape[0]), [str(n) for n in gd["param"].values], fontsize=7)
         ep = per_epoch["step"].values
-        ticks = np.unique(np.linspace(0, len(ep) - 1, min(len(ep), 10)).round().astype(int))
+        step = max(1, int(np.ceil(len(ep) / 12)))  # every epoch when it fits, else evenly spaced
+        ticks = np.arange(0, len(ep), step)
         bx.set_xticks(ticks, [str(ep[t]) for t in ticks])
         bx.set(xlabel="epoch", ylabel="parameter tensor", title="Mean curvature class per epoch")
         cb = fig.colorbar(im, ax=bx, ticks=[-1, 0, 1], fraction=0.05, pad=0.02)

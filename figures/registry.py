@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
-from analysis.registry import run_has_all
+from analysis.registry import first_paragraph, run_has_all
 from analysis.run import Run
 
 
@@ -35,8 +35,7 @@ def register_figure(name: str, needs: tuple[str, ...] = (), description: str = "
     (fps: frame rate; max_frames: cap, frames sampled evenly over time)."""
 
     def deco(func):
-        doc = (func.__doc__ or "").strip().splitlines()
-        FIGURES[name] = FigureEntry(name, func, tuple(needs), description or (doc[0] if doc else ""), kind)
+        FIGURES[name] = FigureEntry(name, func, tuple(needs), description or first_paragraph(func.__doc__), kind)
         return func
 
     return deco

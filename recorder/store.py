@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import platform
 import shutil
+import uuid
 import warnings
 from datetime import datetime, timezone
 from pathlib import Path
@@ -116,7 +117,9 @@ def create_store(path: Path, overwrite: bool, attrs: dict, storage_options: dict
         # attributes in the first zarr.json: a reader never sees a store without them
         root = zarr.create_group(str(path), zarr_format=3, overwrite=False, attributes=_json_safe({
             "dynascope": {"schema_version": SCHEMA_VERSION}, "status": "recording",
-            "committed": {}, "created": now(), "versions": versions(), **attrs}))
+            "committed": {}, "created": now(), "versions": versions(),
+            # run_id names this recording wherever its figures end up (file metadata, reports)
+            "run_id": uuid.uuid4().hex, **attrs}))
     except BaseException:
         if lock is not None:
             lock.release()

@@ -35,5 +35,9 @@ def test_forgetting_summary_counts():
     r = xr.Dataset({"forgetting_events": ("example", [0.0, 2.0, 1.0, np.inf]),
                     "unforgettable": ("example", [True, False, False, False]),
                     "never_learned": ("example", [False, False, False, True])})
-    assert ANALYSES["forgetting"].summary(r) == \
-        "1 unforgettable, 1 never learned; mean 1.00 forgetting events per example"
+    want = ("1 unforgettable, 1 never learned; mean 1.00 forgetting events per learned example "
+            "(never-learned examples excluded from the mean)")
+    assert ANALYSES["forgetting"].summary(r) == want
+    # the default convention counts a never-learned example's presentations; the mean still excludes it
+    r["forgetting_events"] = ("example", [0.0, 2.0, 1.0, 7.0])
+    assert ANALYSES["forgetting"].summary(r) == want
