@@ -205,12 +205,25 @@ def cka_matrix(reps: Sequence, debiased: bool = False, method: str = "auto", bat
 
 
 def _normalise(S: np.ndarray) -> np.ndarray:
+    """S_ij / sqrt(S_ii S_jj). A constant (dead) layer has S_ii = 0 and CKA 0 with every
+    layer, as `cka` gives; a layer with NaN/inf activations gets NaN, as `cka` gives, and
+    one warning, never a 0 that reads like "unrelated"."""
     d = np.diag(S).copy()
-    ok = d > 0
+    bad = ~np.isfinite(d)
+    ok = (d > 0) & ~bad
     scale = np.where(ok, np.sqrt(np.where(ok, d, 1.0)), 1.0)
-    out = S / scale[:, None] / scale[None, :]
-    out[~ok, :] = 0.0
-    out[:, ~ok] = 0.0
+    with np.errstate(invalid="ignore"):
+        out = S / scale[:, None] / scale[None, :]
+    dead = ~ok & ~bad
+    out[dead, :] = 0.0
+    out[:, dead] = 0.0
+    if bad.any():
+        import warnings
+
+        warnings.warn(f"CKA: {int(bad.sum())} representation(s) contain NaN/inf activations (indices "
+                      f"{np.flatnonzero(bad).tolist()}); their CKA is NaN", stacklevel=3)
+        out[bad, :] = np.nan
+        out[:, bad] = np.nan
     return out
 
 

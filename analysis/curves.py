@@ -31,12 +31,13 @@ def _token_accuracy(ds: xr.Dataset, dim: str) -> tuple[xr.DataArray, xr.DataArra
 
 def _pass_by_epoch(ds: xr.Dataset, row: str, task: str) -> xr.Dataset:
     """Mean loss/accuracy of each probe/eval pass, indexed by the epoch it followed."""
-    out = xr.Dataset({"loss": ds["loss"].mean("example")})
+    out = xr.Dataset({"loss": ds["loss"].mean("example", skipna=False)})
     if task == "sequence" and "token_accuracy" in ds:
         hits, n = _token_accuracy(ds, "example")
         out["accuracy"] = hits / n
     elif task == "classification" and "logits" in ds:
-        out["accuracy"] = correct(ds["logits"], ds["target"]).mean("example")
+        ok = correct(ds["logits"], ds["target"])
+        out["accuracy"] = ok.mean("example").where(ok.notnull().all("example"))
     out = out.assign_coords(epoch=(row, ds["epoch"].values), step=(row, ds["step"].values))
     return out.swap_dims({row: "epoch"}).drop_vars("step").groupby("epoch").last()
 
@@ -47,26 +48,33 @@ def epoch_curves(run: Run) -> xr.Dataset:
     train = run.train
     valid = valid_mask(train)
     n = valid.sum("slot")
+    loss = train["loss"].where(valid)
     per_step = xr.Dataset({
-        "loss_sum": train["loss"].where(valid).sum("slot"),
+        "loss_sum": loss.sum("slot"),
         "count": n,
+        "nonfinite": (valid & ~np.isfinite(train["loss"])).sum("slot"),
         "lr": train["lr"],
     })
     if run.task == "sequence" and "token_accuracy" in train:
         per_step["correct_sum"], per_step["token_count"] = _token_accuracy(train, "slot")
     elif run.task == "classification" and "logits" in train:
-        per_step["correct_sum"] = correct(train["logits"], train["target"]).sum("slot")
+        ok = correct(train["logits"], train["target"])
+        per_step["correct_sum"] = ok.sum("slot")
+        per_step["unknown"] = (valid & ok.isnull()).sum("slot")
     per_step = per_step.assign_coords(epoch=train["epoch"]).compute()
     grouped = per_step.groupby("epoch")
     sums = grouped.sum()
-    out = xr.Dataset({"train_loss": sums["loss_sum"] / sums["count"],
+    # a NaN/inf loss (diverged, or a chunk missing from the store) makes the epoch's mean
+    # unknown: NaN, with the count alongside, never a sum that skipped it
+    out = xr.Dataset({"train_loss": (sums["loss_sum"] / sums["count"]).where(sums["nonfinite"] == 0),
+                      "train_nonfinite_loss": sums["nonfinite"],
                       "lr": grouped.last()["lr"],
                       "steps": per_step["count"].groupby("epoch").count()})
     if "token_count" in sums:
         out["train_accuracy"] = sums["correct_sum"] / sums["token_count"]
         out["train_accuracy"].attrs["long_name"] = "token accuracy over the epoch's scored tokens"
     elif "correct_sum" in sums:
-        out["train_accuracy"] = sums["correct_sum"] / sums["count"]
+        out["train_accuracy"] = (sums["correct_sum"] / sums["count"]).where(sums["unknown"] == 0)
     for group in ("probe", "eval"):
         if run.has(group) and run.group(group).sizes.get(group, 0):
             passes = _pass_by_epoch(run.group(group), group, run.task).compute()
@@ -97,10 +105,12 @@ def class_curves(run: Run) -> xr.Dataset:
         "loss_sum": train["loss"].where(onehot).sum("slot"),
         "correct_sum": ok.where(onehot).sum("slot"),
         "count": onehot.sum("slot"),
+        "nonfinite": (onehot & ~np.isfinite(train["loss"])).sum("slot"),
+        "unknown": (onehot & ok.isnull()).sum("slot"),
     }).assign_coords(epoch=train["epoch"]).compute()
     sums = per_step.groupby("epoch").sum()
-    out = xr.Dataset({"train_loss": sums["loss_sum"] / sums["count"],
-                      "train_accuracy": sums["correct_sum"] / sums["count"]})
+    out = xr.Dataset({"train_loss": (sums["loss_sum"] / sums["count"]).where(sums["nonfinite"] == 0),
+                      "train_accuracy": (sums["correct_sum"] / sums["count"]).where(sums["unknown"] == 0)})
     if run.has("eval") and run.eval.sizes.get("eval", 0):
         ev = run.eval
         table = _class_table(ev["loss"], ev["target"], correct(ev["logits"], ev["target"]) if "logits" in ev else None,

@@ -6,6 +6,7 @@ Nothing here imports torch: analyses run on machines that never trained anything
 from __future__ import annotations
 
 import json
+import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -113,16 +114,61 @@ class Run:
         return self.group("ground_truth")
 
 
-def _open_group(path: Path, name: str) -> xr.Dataset | None:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        try:
-            # never trust consolidated metadata here: it is written at close and goes
-            # stale when results are saved later or a run is still recording
-            return xr.open_zarr(storage.location(path).zarr_store(read_only=True), group=name,
-                                consolidated=False)
-        except (FileNotFoundError, KeyError, zarr.errors.GroupNotFoundError):
-            return None
+def _open_group(path, name: str) -> xr.Dataset | None:
+    """One group as a lazy Dataset (None if the store has no such group).
+
+    A store that is still recording (or was killed mid-resize) can hold arrays of unequal
+    length along a dimension; xarray refuses those, so such a group is opened array by array
+    and every dimension cut to what all its arrays hold (committed rows are in all of them;
+    the caller trims to them). Arrays replaced while we read are retried, so a reader polling
+    a live run never fails.
+    """
+    last: Exception | None = None
+    for attempt in range(6):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            store = storage.location(path).zarr_store(read_only=True)
+            try:
+                # never trust consolidated metadata here: it is written at close and goes
+                # stale when results are saved later or a run is still recording
+                try:
+                    ds = xr.open_zarr(store, group=name, consolidated=False)
+                except ValueError:
+                    ds = _open_piecewise(store, name)
+                missing = set(zarr.open_group(store, path=name, mode="r").array_keys()) - set(ds.variables)
+                if missing:   # listed while one was being replaced: read again
+                    raise KeyError(f"arrays {sorted(missing)} were not read")
+                return ds
+            except (FileNotFoundError, KeyError, zarr.errors.GroupNotFoundError, ValueError, OSError) as e:
+                if not _group_exists(store, name):
+                    return None
+                last = e
+        time.sleep(0.05 * (attempt + 1))
+    raise RunError(f"group '{name}' of {path} could not be read ({last}); "
+                   f"is another process rewriting it?") from last
+
+
+def _group_exists(store, name: str) -> bool:
+    try:
+        zarr.open_group(store, path=name, mode="r")
+        return True
+    except Exception:  # noqa: BLE001 - any failure to open means: not a readable group
+        return False
+
+
+def _open_piecewise(store, name: str) -> xr.Dataset:
+    group = zarr.open_group(store, path=name, mode="r")
+    dims_of = {k: (tuple(a.metadata.dimension_names or ()), a.shape) for k, a in group.arrays()}
+    sizes: dict[str, int] = {}
+    for dims, shape in dims_of.values():
+        for d, n in zip(dims, shape):
+            sizes[d] = min(sizes.get(d, n), n)
+    parts = []
+    for var, (dims, _) in dims_of.items():
+        one = xr.open_zarr(store, group=name, consolidated=False,
+                           drop_variables=[v for v in dims_of if v != var])
+        parts.append(one.isel({d: slice(0, sizes[d]) for d in dims if d in one.dims}))
+    return xr.merge(parts, combine_attrs="override", join="exact") if parts else xr.Dataset()
 
 
 def _read_root_attrs(path: Path) -> dict:
@@ -150,7 +196,7 @@ def _read_root_attrs(path: Path) -> dict:
 
 
 def _trim(ds: xr.Dataset, row_dim: str, rows: int) -> xr.Dataset:
-    if row_dim in ds.dims and ds.sizes[row_dim] > rows:
+    if ds is not None and row_dim in ds.dims and ds.sizes[row_dim] > rows:
         return ds.isel({row_dim: slice(0, rows)})
     return ds
 

@@ -28,21 +28,32 @@ def _average_ranks(x: np.ndarray) -> np.ndarray:
     return ranks
 
 
-def auroc(scores, labels) -> float:
-    """AUROC of `scores` (higher = more likely positive) for boolean `labels`. NaN scores are
-    dropped; NaN if either class is empty."""
+def auroc(scores, labels, return_counts: bool = False):
+    """AUROC of `scores` (higher = more likely positive) for boolean `labels`; NaN if either
+    class is empty. NaN scores are dropped with a warning saying how many, since an AUROC
+    over a few examples reads like one over all; `return_counts=True` also returns
+    (n_scored, n_dropped)."""
     s = np.asarray(scores, dtype=np.float64).ravel()
     y = np.asarray(labels, dtype=bool).ravel()
     if s.shape != y.shape:
         raise ValueError(f"scores and labels differ in length: {s.shape} vs {y.shape}")
     keep = ~np.isnan(s)
+    dropped = int((~keep).sum())
+    if dropped:
+        import warnings
+
+        warnings.warn(f"auroc: dropped {dropped} of {len(s)} examples whose score is NaN "
+                      f"({int(y[~keep].sum())} of them positive); the AUROC is over the other "
+                      f"{len(s) - dropped}", stacklevel=2)
     s, y = s[keep], y[keep]
     n_pos, n_neg = int(y.sum()), int((~y).sum())
     if n_pos == 0 or n_neg == 0:
-        return float("nan")
-    r = _average_ranks(s)
-    u = r[y].sum() - n_pos * (n_pos + 1) / 2.0
-    return float(u / (n_pos * n_neg))
+        value = float("nan")
+    else:
+        r = _average_ranks(s)
+        u = r[y].sum() - n_pos * (n_pos + 1) / 2.0
+        value = float(u / (n_pos * n_neg))
+    return (value, len(s), dropped) if return_counts else value
 
 
 # name -> (analysis, variable, sign): sign -1 where a *low* value flags a mislabelled example
@@ -68,13 +79,17 @@ def mislabel_detection(run: Run, source: str = "train", correct_threshold: float
     results = {"forgetting": forgetting(run, source, never_learned="inf", correct_threshold=theta),
                "aum": aum(run, source), "cartography": cartography(run, source, correct_threshold=theta),
                "el2n": el2n(run, source=source)}
-    names, values = [], []
+    names, values, scored, dropped = [], [], [], []
     for name, (analysis, var, sign) in DETECTORS.items():
         ds = results[analysis]
         ids = ds["example"].values
         names.append(name)
-        values.append(auroc(sign * ds[var].values, truth[ids]))
-    out = xr.Dataset({"auroc": ("score", np.array(values))}, coords={"score": names})
+        v, n, d = auroc(sign * ds[var].values, truth[ids], return_counts=True)
+        values.append(v)
+        scored.append(n)
+        dropped.append(d + int(truth.size - len(ids)))   # examples the analysis never saw count too
+    out = xr.Dataset({"auroc": ("score", np.array(values)), "n_scored": ("score", np.array(scored)),
+                      "n_dropped": ("score", np.array(dropped))}, coords={"score": names})
     out.attrs.update(source=source, num_mislabeled=int(truth.sum()), num_examples=int(truth.size))
     return out
 

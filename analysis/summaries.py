@@ -49,7 +49,10 @@ def _forgetting(r: xr.Dataset) -> str:
 
 @register_summary("mislabel_detection")
 def _mislabel(r: xr.Dataset) -> str:
-    pairs = ", ".join(f"{s} {float(v):.3f}" for s, v in zip(r["score"].values, r["auroc"].values))
+    n = r["n_scored"].values if "n_scored" in r else [None] * r.sizes["score"]
+    pairs = ", ".join(f"{s} {float(v):.3f}" + (f" (of {int(k)} examples)" if k is not None and
+                                                 int(k) < r.attrs.get("num_examples", 0) else "")
+                      for s, v, k in zip(r["score"].values, r["auroc"].values, n))
     return f"AUROC for finding the flipped labels: {pairs}"
 
 

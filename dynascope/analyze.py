@@ -36,8 +36,16 @@ def summary_lines(run) -> list[str]:
     lines = [f"run: {run.path}", f"  {run.describe_progress()}",
              f"  dataset {ds.get('name')} ({ds.get('num_examples')} examples, {kind}); "
              f"model {run.attrs.get('model', {}).get('name')}"]
+    from .describe import data_health, health_lines
+
+    lines += ["  " + line for line in health_lines(data_health(run))]
     if run.has("train") and run.train.sizes.get("step", 0):
         c = epoch_curves(run)
+        bad = c["train_nonfinite_loss"]
+        if int(bad.sum()):
+            epochs = c["epoch"].values[bad.values > 0].tolist()
+            lines.append(f"  {int(bad.sum())} training losses read as NaN/inf in epoch(s) {epochs[:10]}: "
+                         f"those epochs' mean loss is n/a (diverged, or data missing from the store)")
         last = c.isel(epoch=-1)
         lines.append(f"  epochs recorded: {c.sizes['epoch']}, steps: {run.train.sizes['step']}")
         for key, label in (("train", "train"), ("probe", "probe subset"), ("eval", "held-out")):

@@ -73,7 +73,9 @@ def _record_options(func):
         click.option("--augment-n", default=300, type=click.IntRange(min=2), help="Augmentations per sample."),
         click.option("--label-noise", type=click.FloatRange(0, 1), default=None, help="planted: flipped-label fraction."),
         click.option("--planted-fraction", type=click.FloatRange(0, 1), default=None, help="planted: fraction with the opposing feature."),
-        click.option("--overwrite", is_flag=True, help="Replace an existing store at --out."),
+        click.option("--overwrite", is_flag=True, help="Replace an existing store at --out (never a live one)."),
+        click.option("--checkpoint-every", default=64, type=click.IntRange(min=0),
+                     help="Steps between checkpoints for --resume (also at every epoch end); 0 = none."),
     ]
     for opt in reversed(options):
         func = opt(func)
@@ -90,14 +92,53 @@ def _config(out: str, kw: dict):
 
 @main.command()
 @click.option("--out", required=True, type=click.Path(), help="Run store to create (e.g. data/run.zarr).")
+@click.option("--resume", is_flag=True, help="Continue the interrupted run at --out from its last checkpoint, "
+                                             "with the options it was recorded with.")
 @_record_options
 @user_errors
-def record(out, **kw):
+def record(out, resume, **kw):
     """Train a built-in model on a dataset and record the run."""
     from recorder.driver import record_run
+    from recorder.signals import Terminated
 
-    path = record_run(_config(out, kw))
+    cfg = _resume_config(out, kw) if resume else _config(out, kw)
+    try:
+        path = record_run(cfg)
+    except Terminated as e:
+        click.echo(f"dynascope: {e}; {out} is marked failed. Continue it with "
+                   f"`dynascope record --out {out} --resume`", err=True)
+        sys.exit(128 + e.signum)
+    except KeyboardInterrupt:
+        click.echo(f"dynascope: interrupted; {out} is marked failed. Continue it with "
+                   f"`dynascope record --out {out} --resume`", err=True)
+        sys.exit(130)
     click.echo(f"recorded {path}")
+
+
+def _resume_config(out: str, kw: dict):
+    """The run's own recorded options; any option given again must agree with them."""
+    from click.core import ParameterSource
+
+    from recorder.driver import TrainConfig
+    from recorder.resume import IGNORED_CONFIG, ResumeError, stored_attrs
+
+    stored = dict(stored_attrs(Path(out)).get("config", {}))
+    given = _config(out, dict(kw))
+    ctx = click.get_current_context()
+    explicit = {k for k in kw if ctx.get_parameter_source(k) is not ParameterSource.DEFAULT}
+    explicit |= {"dataset_options"} if explicit & {"label_noise", "planted_fraction"} else set()
+    diffs = [f"--{k.replace('_', '-')} {getattr(given, k)!r} (recorded: {stored.get(k)!r})"
+             for k in sorted(explicit) if hasattr(given, k) and k not in IGNORED_CONFIG
+             and k in stored and getattr(given, k) != stored.get(k)]
+    if diffs:
+        raise ResumeError(f"--resume continues {out} with the options it was recorded with; these differ: "
+                          f"{', '.join(diffs)}. Drop them, or record a new run")
+    known = {f for f in TrainConfig.__dataclass_fields__}
+    fields = {k: v for k, v in stored.items() if k in known}
+    for k in explicit & IGNORED_CONFIG:
+        fields[k] = kw[k]
+    fields.update(out=out, resume=True, overwrite=False)
+    return TrainConfig(**fields)
 
 
 # -- info / analyze ---------------------------------------------------------------------

@@ -29,12 +29,43 @@ def describe_run(path) -> dict:
                        for v in ds.variables},
         }
     a = run.attrs
-    return {"path": str(path), "status": run.status, "progress": run.describe_progress(),
+    health = data_health(run)
+    return {"health": health,"path": str(path), "status": run.status, "progress": run.describe_progress(),
             "committed": run.committed, "dataset": run.dataset, "model": {k: v for k, v in a.get("model", {}).items()
                                                                            if k != "summary"},
             "created": a.get("created"), "finished": a.get("finished"), "versions": a.get("versions", {}),
             "extensions": sorted(run.extensions), "size_bytes": _dir_size(Path(path)), "groups": groups,
             "saved_analyses": saved_results(path), "config": a.get("config", {})}
+
+
+def data_health(run) -> dict:
+    """Counts a reader must see before trusting averages: examples with NaN/inf losses or
+    logits (as recorded), and committed rows that read back empty (missing chunk files)."""
+    out = {}
+    for name in ("train", "probe", "eval"):
+        if not run.has(name):
+            continue
+        ds = run.group(name)
+        for var in ("nonfinite_loss", "nonfinite_logits"):
+            if var in ds:
+                v = ds[var].values
+                out[f"{name}_{var}"] = int(v[v > 0].sum())
+        if name == "train" and "batch_size" in ds:
+            out["train_empty_rows"] = int((ds["batch_size"].values <= 0).sum())
+    return out
+
+
+def health_lines(h: dict) -> list[str]:
+    lines = []
+    for key, n in h.items():
+        if n and key != "train_empty_rows":
+            group, what = key.split("_", 1)
+            lines.append(f"warning   {n} {group} example(s) with NaN/inf {what.split('_', 1)[1]} "
+                         f"(counted in {group}/{what}); means over them are NaN")
+    if h.get("train_empty_rows"):
+        lines.append(f"warning   {h['train_empty_rows']} committed train rows read back empty "
+                     f"(batch_size 0): chunk files are missing or damaged")
+    return lines
 
 
 def format_description(d: dict) -> str:
@@ -46,6 +77,7 @@ def format_description(d: dict) -> str:
         f"model     {model.get('name')} — {model.get('num_parameters', 0):,} parameters",
         f"recorded  {d.get('created')} → {d.get('finished') or '(not finished)'}",
         f"extensions {', '.join(d['extensions']) or 'none'}",
+        *health_lines(d.get("health", {})),
         "groups:",
     ]
     for name, g in d["groups"].items():

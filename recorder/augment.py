@@ -88,6 +88,10 @@ def record_augmentation_variance(target, model: torch.nn.Module, dataset, sample
         raise ValueError("need at least one sample id and n_aug >= 2 augmentations")
     if len(np.unique(sample_ids)) != len(sample_ids):
         raise ValueError("sample_ids must be distinct")
+    out_of_range = sample_ids[(sample_ids < 0) | (sample_ids >= len(dataset))]
+    if len(out_of_range):
+        raise ValueError(f"sample_ids {out_of_range.tolist()[:5]} are out of range for a dataset of "
+                         f"{len(dataset)} examples")
     path = _store_path(target)
     transforms = transforms or default_transforms()
     if reference_ids is None:

@@ -118,6 +118,14 @@ class Extension:
     def close(self, recorder: "Recorder") -> None:
         """Called once before the store is finalised (flush own buffers here)."""
 
+    def state_dict(self) -> dict:
+        """State that later rows depend on (e.g. the previous step's gradients), saved in a
+        driver checkpoint so a resumed run writes the same rows. Empty by default."""
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore what `state_dict` returned (after `attach`)."""
+
 
 EXTENSIONS: dict[str, Callable[..., Extension]] = {}
 

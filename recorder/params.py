@@ -224,3 +224,24 @@ class ParamStatsExtension(Extension):
     def close(self, recorder) -> None:
         if self._pending is not None:
             self._emit()
+
+    # -- resume -------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        """The previous step's gradients, weights and bins, the cadence position and the row
+        still waiting for its update norm: the next rows are computed from them."""
+        s = self.stats
+        if s is None or self._primary is not None:
+            return {}
+        return {"pending": self._pending, "last": self._last, "step": self._step, "prev": s._prev,
+                "g_prev": s.g_prev.clone(), "w_prev": s.w_prev.clone(), "b_prev": s.b_prev.clone(),
+                "neg_prev": s.neg_prev.clone(),
+                "hist_prev": None if s.hist_prev is None else s.hist_prev.clone()}
+
+    def load_state_dict(self, state: dict) -> None:
+        s = self.stats
+        if not state or s is None:
+            return
+        for name in ("g_prev", "w_prev", "b_prev", "neg_prev"):   # in place: views point into them
+            getattr(s, name).copy_(state[name])
+        s.hist_prev, s._prev = state["hist_prev"], state["prev"]
+        self._pending, self._last, self._step = state["pending"], state["last"], state["step"]

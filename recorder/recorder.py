@@ -10,13 +10,21 @@
                 losses.mean().backward()
             optimizer.step(); optimizer.zero_grad()
 
+Epochs: pass `rec.step(..., epoch=e)` or set `rec.epoch`; otherwise they are inferred from
+repeated example ids (recorder/epochs.py). `Recorder(path, ..., resume=True)` continues an
+interrupted run from its committed rows (`rec.steps` is where the loop goes on); a lock in
+`<run>/.dynascope/` keeps a second writer out. Durability: docs/STORE.md.
+
 Tensors are detached and handed to the background writer as they are (still on the GPU
 if they were): the device-to-host copy happens once per chunk in the writer thread, so
 the training step never synchronises on the recorder.
 """
 from __future__ import annotations
 
+import shutil
+import sys
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -27,8 +35,13 @@ from dynascope import storage
 from . import distributed
 from . import batches
 from . import sequence as seq_mod
+from . import resume as resume_mod
 from . import store as store_mod
+from .epochs import EpochTracker
 from .extensions import ArraySpec, BatchContext, Extension
+from .lock import NoLock, RunLock, control_dir
+from .reserve import DiskReserve
+from .signals import SignalGuard
 from .validation import check_example_ids, check_logits, check_losses, check_targets
 from .writer import ChunkWriter
 
@@ -44,7 +57,8 @@ class Recorder:
                  expected_steps: int | None = None, loss_fn=None, extensions: list[Extension] = (),
                  dataset_info: dict | None = None, model_info: dict | None = None,
                  storage_options: dict | None = None, task: str | None = None,
-                 sequence: dict | seq_mod.SequenceOptions | None = None, **extension_options):
+                 sequence: dict | seq_mod.SequenceOptions | None = None, resume: bool = False,
+                 resume_state: dict | None = None, handle_signals: bool = True, **extension_options):
         if num_classes is not None and (int(num_classes) != num_classes or num_classes < 1):
             raise ValueError(f"num_classes must be a positive integer, got {num_classes!r}")
         if num_examples is not None and (int(num_examples) != num_examples or num_examples < 1):
@@ -69,6 +83,12 @@ class Recorder:
         self.num_examples = None if num_examples is None else int(num_examples)
         self.config = dict(config or {})
         self.overwrite = overwrite
+        if resume and overwrite:
+            raise ValueError("resume=True continues a run and overwrite=True replaces it; pass one of them")
+        self.resume = bool(resume or resume_state is not None)
+        self.resume_state = resume_state
+        if int(chunk_steps) != chunk_steps or chunk_steps < 1:
+            raise ValueError(f"chunk_steps must be a positive integer, got {chunk_steps!r}")
         self.chunk_steps = int(chunk_steps)
         self.expected_steps = expected_steps
         self._loss_fn = loss_fn
@@ -87,6 +107,14 @@ class Recorder:
         self._writer: ChunkWriter | None = None
         self._handles: list = []
         self._t0 = 0.0
+        # under DDP each rank sees its shard: ceil(N / world) examples an epoch
+        self._epochs = EpochTracker(distributed.examples_per_epoch(self.num_examples, self.rank))
+        self._local = loc.local is not None   # lock and reserve need a directory; object stores have none
+        store_dir = distributed.rank_path(self.path, self.rank) if self._local else None
+        self._lock = RunLock(store_dir) if self._local else NoLock()
+        self._reserve = DiskReserve(control_dir(store_dir)) if self._local else NoLock()
+        self._guard = SignalGuard() if handle_signals else None
+        self._notified = 0
 
     # -- lifecycle ------------------------------------------------------------
     def __enter__(self) -> "Recorder":
@@ -97,15 +125,56 @@ class Recorder:
         if exc_type is None:
             self.close()
         else:
-            self._finish("failed", error=f"{exc_type.__name__}: {exc}")
+            self._finish("failed", error=f"{exc_type.__name__}: {exc}" if str(exc) else exc_type.__name__)
         return False
 
     def open(self) -> "Recorder":
-        root = distributed.after_main(self.rank, lambda: store_mod.create_store(
-            distributed.rank_path(self.path, self.rank), overwrite=self.overwrite,
-            attrs={**self._root_attrs(), **distributed.root_attrs(self.rank)}, storage_options=self.storage_options))
-        self._writer = ChunkWriter(root, committed={g: 0 for g, _, _ in store_mod.ROW_GROUPS}, expected_rows={"train": self.expected_steps or 0,
-                                                                     "params": self.expected_steps or 0})
+        if self.resume:
+            if not self._local or self.rank.active:
+                raise ValueError("resume=True needs a local run directory recorded by one process; "
+                                 "object-store and multi-rank runs cannot be resumed yet")
+            stored = resume_mod.stored_attrs(self.path)
+            self._lock.acquire("resume it")
+            try:
+                root = resume_mod.reopen(self.path, stored)
+            except BaseException:
+                self._lock.release()
+                raise
+            committed = dict(stored.get("committed", {}))
+        else:
+            root = distributed.after_main(self.rank, lambda: store_mod.create_store(
+                distributed.rank_path(self.path, self.rank), overwrite=self.overwrite,
+                attrs={**self._root_attrs(), **distributed.root_attrs(self.rank)},
+                storage_options=self.storage_options, lock=self._lock))
+            committed = {}
+        try:
+            self._open_writer(root, committed, stored if self.resume else None)
+        except BaseException as e:
+            self._abandon_open(e)
+            raise
+        self._reserve.hold()
+        if self._guard is not None:
+            self._guard.install()
+        if self.optimizer is not None:
+            self._handles.append(self.optimizer.register_step_post_hook(self._count_optimizer_step))
+        self._t0 = time.perf_counter()
+        if self.resume_state is not None:
+            resume_mod.load_recorder_state(self, self._writer.root, self.resume_state)
+        return self
+
+    def _abandon_open(self, error: BaseException) -> None:
+        """A bad argument found while opening: a new store holds nothing yet and goes (so
+        the same command works once fixed); a resumed one keeps its rows, marked failed."""
+        writer, self._writer = self._writer, None
+        if writer is not None:
+            attrs = {"status": "failed", "error": f"resume failed: {type(error).__name__}: {error}"} if self.resume else None
+            writer.abort(attrs)
+        if not self.resume and self._local:
+            shutil.rmtree(distributed.rank_path(self.path, self.rank), ignore_errors=True)
+        self._lock.release()
+
+    def _open_writer(self, root, committed: dict, stored: dict | None) -> None:
+        self._writer = ChunkWriter(root, committed={g: int(committed.get(g, 0)) for g, _, _ in store_mod.ROW_GROUPS})
         for name, row_dim, chunk in store_mod.ROW_GROUPS:
             self._writer.add_group(name, row_dim, self.chunk_steps if chunk == "steps" else 1)
         for spec in store_mod.core_specs(self.num_classes is not None):
@@ -113,15 +182,27 @@ class Recorder:
         for group, row in (("train", "step"), ("probe", "probe"), ("eval", "eval")):
             for spec in seq_mod.specs(group, row, "slot" if group == "train" else "example"):
                 self._writer.declare(spec)
+        if stored is not None:
+            resume_mod.check_matches(self.path, stored, self._root_attrs(), [e.name for e in self.extensions])
         for ext in self.extensions:
             ext.attach(self)
             for spec in ext.specs():
                 self._writer.declare(spec)
+        if stored is not None:
+            self._writer.adopt()
+            if self.resume_state is None:
+                resume_mod.align_groups(self, self._writer, root)
+                resume_mod.counters_from_store(self, root)
         self._writer.update_attrs({"extensions": {e.name: e.metadata() for e in self.extensions}})
-        if self.optimizer is not None:
-            self._handles.append(self.optimizer.register_step_post_hook(self._count_optimizer_step))
-        self._t0 = time.perf_counter()
-        return self
+
+    def state_dict(self) -> dict:
+        """Counters and extension state, after flushing everything: with the model and
+        optimizer state this lets `Recorder(..., resume_state=...)` continue exactly here."""
+        return resume_mod.recorder_state(self)
+
+    def flush(self) -> None:
+        """Write every buffered row now (partial chunks included) and wait for it."""
+        self.writer.flush()
 
     def close(self) -> None:
         self._finish("complete")
@@ -142,41 +223,67 @@ class Recorder:
 
     def _finish(self, status: str, error: str | None = None) -> None:
         """Flush extensions and buffers, record the final status; on failure keep
-        everything already recorded and never mask the original error."""
+        everything already recorded and never mask the original error. Signals are held
+        back meanwhile, so a second Ctrl-C cannot cut the store short."""
         if self._writer is None:
             return
         writer = self._writer
-        for h in self._handles:
-            h.remove()
-        attrs = {"status": status, "finished": store_mod.now()}
+        if self._guard is not None:
+            self._guard.hold()
+        try:
+            for h in self._handles:
+                h.remove()
+            self._handles = []
+            if status == "complete":
+                try:
+                    self._close_extensions(strict=True)
+                    writer.update_attrs({"extensions": {e.name: e.metadata() for e in self.extensions},
+                                         **self._final_attrs("complete")})
+                    writer.close(trim=True)
+                except BaseException as e:
+                    self._fail(writer, f"closing the store failed: {type(e).__name__}: {e}")
+                    raise
+                store_mod.consolidate(distributed.rank_path(self.path, self.rank), self.storage_options)
+            else:
+                self._close_extensions(strict=False)
+                self._fail(writer, error)
+        finally:
+            self._notify(writer)
+            self._writer = None
+            if self._guard is not None:
+                self._guard.remove()
+            self._reserve.free()
+            self._lock.release()
+
+    def _final_attrs(self, status: str, error: str | None = None) -> dict:
+        attrs = {"status": status, "finished": store_mod.now(), "epoch_source": self._epochs.source}
         if error:
             attrs["error"] = error
-        try:
-            for ext in self.extensions:   # extensions may append their last rows here
+        return attrs
+
+    def _close_extensions(self, strict: bool) -> None:
+        for stage in ("close", "detach"):
+            for ext in self.extensions:   # extensions may append their last rows on close
                 try:
-                    ext.close(self)
+                    ext.close(self) if stage == "close" else ext.detach()
                 except Exception:  # noqa: BLE001
-                    if status == "complete":
+                    if strict:
                         raise
-            for ext in self.extensions:
-                try:
-                    ext.detach()
-                except Exception:  # noqa: BLE001
-                    if status == "complete":
-                        raise
-            writer.update_attrs({"extensions": {e.name: e.metadata() for e in self.extensions}})
-            writer.update_attrs(attrs)
-            writer.close(trim=True)
-        except BaseException:
-            if status == "complete":
-                self._writer = None
-                writer.abort()
-                raise
-            writer.abort()
-        finally:
-            self._writer = None
-        if status == "complete":
-            store_mod.consolidate(distributed.rank_path(self.path, self.rank), self.storage_options)
+
+    def _fail(self, writer: ChunkWriter, error: str | None) -> None:
+        attrs = {"extensions": {e.name: e.metadata() for e in self.extensions}, **self._final_attrs("failed", error)}
+        problems = writer.abort(attrs, before=self._reserve.free)
+        for p in problems:
+            print(f"dynascope: while marking {self.path} failed: {p}", file=sys.stderr)
+        if problems:
+            print(f"dynascope: {self.path} stays readable up to its committed rows", file=sys.stderr)
+
+    def _notify(self, writer: ChunkWriter | None = None) -> None:
+        writer = writer or self._writer
+        notes = writer.notices if writer is not None else []
+        for note in notes[self._notified:]:
+            warnings.warn(note, stacklevel=3)
+        self._notified = len(notes)
 
     @property
     def writer(self) -> ChunkWriter:
@@ -206,10 +313,11 @@ class Recorder:
         ids = check_example_ids(example_ids, self.num_examples)
         if targets is not None:
             targets = self._check_targets(targets, len(ids), "train")
-        if epoch is None:
-            epoch = self.epoch if self.epoch is not None else (
-                self.examples_seen // distributed.examples_per_epoch(self.num_examples, self.rank)
-                if self.num_examples else 0)
+        elif self.num_classes is not None:
+            raise ValueError("rec.step() needs targets= in a classification run (num_classes was given): "
+                             "without them correctness, forgetting, AUM, EL2N and cartography cannot be "
+                             "computed; pass rec.step(example_ids=idx, targets=y)")
+        epoch = self._epochs.next(ids.numpy(), epoch if epoch is not None else self.epoch)
         return StepContext(self, ids, targets, int(epoch))
 
     @property
@@ -362,6 +470,8 @@ class StepContext:
 
     def __enter__(self) -> "StepContext":
         self.rec.writer.raise_if_failed()
+        if self.rec.writer.notices:
+            self.rec._notify()
         for ext in self.rec.extensions:
             ext.begin_batch(self.batch)
         return self

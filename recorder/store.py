@@ -73,8 +73,13 @@ def _describe_existing(path: Path) -> str:
     return "a directory" if path.is_dir() else "a file"
 
 
-def create_store(path: Path, overwrite: bool, attrs: dict, storage_options: dict | None = None) -> zarr.Group:
-    """Create an empty run store; refuse to touch an existing path unless `overwrite`."""
+def create_store(path: Path, overwrite: bool, attrs: dict, storage_options: dict | None = None,
+                 lock=None) -> zarr.Group:
+    """Create an empty run store; refuse to touch an existing path unless `overwrite`, and
+    never a local one that a live process records into. `lock` (a RunLock) is taken before
+    anything is deleted and held by the caller from then on."""
+    from .lock import CONTROL_DIR, check_unlocked, describe_holder, holder_alive, read_lock
+
     loc = storage.location(path, storage_options)
     if loc.is_remote:
         root = storage.create_remote(loc, overwrite, StoreExistsError)
@@ -84,21 +89,48 @@ def create_store(path: Path, overwrite: bool, attrs: dict, storage_options: dict
     path = loc.local
     if path.exists():
         what = _describe_existing(path)
+        info = read_lock(path) if path.is_dir() else None
+        if info and holder_alive(info) is not False and not info.get("unreadable"):
+            what += f", locked by {describe_holder(info)}"
         if not overwrite:
             raise StoreExistsError(f"{path} already exists ({what}); pass overwrite=True "
-                                   f"(CLI: --overwrite) to replace it, or choose another path")
+                                   f"(CLI: --overwrite) to replace it, resume=True (CLI: --resume) to "
+                                   f"continue it, or choose another path")
         is_store = (path / "zarr.json").exists()
-        if not is_store and not (path.is_dir() and not any(path.iterdir())):
+        if not is_store and not (path.is_dir() and not any(p.name != CONTROL_DIR for p in path.iterdir())):
             raise StoreExistsError(f"{path} exists and is {what}, not a Zarr store; refusing to delete it "
                                    f"even with overwrite. Choose another path")
-        shutil.rmtree(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    root = zarr.open_group(str(path), mode="w-", zarr_format=3)
-    # run_id names this recording wherever its figures end up (file metadata, reports)
-    root.attrs.update({"dynascope": {"schema_version": SCHEMA_VERSION}, "status": "recording",
-                       "committed": {}, "created": now(), "versions": versions(),
-                       "run_id": uuid.uuid4().hex, **attrs})
+        check_unlocked(path, "overwrite it")
+    if lock is not None:
+        lock.acquire("overwrite it" if path.exists() else "record into it")
+    try:
+        for child in path.iterdir() if path.exists() else ():
+            if child.name == CONTROL_DIR:
+                for old in child.iterdir():   # an old checkpoint must not resume into the new run
+                    if old.name != "lock":
+                        shutil.rmtree(old) if old.is_dir() else old.unlink()
+            elif child.is_dir():
+                shutil.rmtree(child)
+            else:
+                child.unlink()
+        path.mkdir(parents=True, exist_ok=True)
+        # attributes in the first zarr.json: a reader never sees a store without them
+        root = zarr.create_group(str(path), zarr_format=3, overwrite=False, attributes=_json_safe({
+            "dynascope": {"schema_version": SCHEMA_VERSION}, "status": "recording",
+            "committed": {}, "created": now(), "versions": versions(),
+            # run_id names this recording wherever its figures end up (file metadata, reports)
+            "run_id": uuid.uuid4().hex, **attrs}))
+    except BaseException:
+        if lock is not None:
+            lock.release()
+        raise
     return root
+
+
+def _json_safe(value):
+    import json
+
+    return json.loads(json.dumps(value, default=str))
 
 
 def core_specs(classification: bool) -> list[ArraySpec]:
@@ -115,6 +147,8 @@ def core_specs(classification: bool) -> list[ArraySpec]:
         ArraySpec("train", "batch_loss", ("step",), "float32"),
         ArraySpec("train", "batch_size", ("step",), "int32", fill=0),
         ArraySpec("train", "wall_time", ("step",), "float64"),
+        ArraySpec("train", "nonfinite_loss", ("step",), "int32"),
+        ArraySpec("train", "nonfinite_logits", ("step",), "int32"),
     ]
     for group, row in (("probe", "probe"), ("eval", "eval")):
         specs += [
@@ -122,6 +156,8 @@ def core_specs(classification: bool) -> list[ArraySpec]:
             ArraySpec(group, "epoch", (row,), "int32"),
             ArraySpec(group, "loss", (row, "example"), "float32"),
             ArraySpec(group, "logits", (row, "example", "class"), "float32"),
+            ArraySpec(group, "nonfinite_loss", (row,), "int32"),
+            ArraySpec(group, "nonfinite_logits", (row,), "int32"),
         ]
     return specs
 

@@ -27,6 +27,13 @@ def check_example_ids(example_ids, num_examples: int | None) -> torch.Tensor:
         raise ValueError("example_ids is empty; a recorded batch needs at least one example")
     ids = ids.detach().to("cpu", torch.int64)
     lo, hi = int(ids.min()), int(ids.max())
+    if len(torch.unique(ids)) != len(ids):
+        uniq, counts = torch.unique(ids, return_counts=True)
+        dup = uniq[counts > 1]
+        raise ValueError(f"example_ids repeat within one batch ({len(ids) - len(uniq)} duplicates, e.g. id "
+                         f"{int(dup[0])}); each example may appear once per batch, or its statistics are "
+                         f"double-counted. Deduplicate the batch (repeated-augmentation samplers: record "
+                         f"one view per example)")
     if lo < 0:
         raise ValueError(f"example_ids must be >= 0, got {lo}")
     if num_examples is not None and hi >= num_examples:
@@ -73,3 +80,21 @@ def check_logits(logits, n: int, num_classes: int | None) -> torch.Tensor:
         raise ValueError(f"logits have {logits.shape[1]} classes but the Recorder was given "
                          f"num_classes={num_classes}")
     return logits
+
+
+def close_names(wanted: str, names, n: int = 5) -> list[str]:
+    import difflib
+
+    return difflib.get_close_matches(wanted, list(names), n=n, cutoff=0.5)
+
+
+def check_patterns_match(patterns, names, what: str) -> None:
+    """Every name/fnmatch pattern must select at least one of `names`, else one error naming
+    the close ones: a misspelt layer would otherwise record nothing (norms of 0)."""
+    import fnmatch
+
+    names = list(names)
+    for p in patterns or ():
+        if not any(fnmatch.fnmatchcase(n, p) for n in names):
+            close = close_names(p, names) or names[:8]
+            raise ValueError(f"{what}: {p!r} matches no module of the model; close names: {close}")

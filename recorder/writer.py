@@ -42,6 +42,12 @@ except ImportError:  # pragma: no cover
     pass
 
 
+def _set_event() -> threading.Event:
+    e = threading.Event()
+    e.set()
+    return e
+
+
 @dataclass
 class RowGroup:
     """One row group (train, probe, eval, params, ...): its specs, buffer and sizes."""
@@ -55,6 +61,7 @@ class RowGroup:
     capacity: int = 0         # rows allocated on disk (writer thread only)
     dim_sizes: dict[str, int] = field(default_factory=dict)   # writer thread only
     arrays: dict[str, zarr.Array] = field(default_factory=dict)  # writer thread only
+    done: threading.Event = field(default_factory=_set_event)    # last hand-off written
 
 
 class ChunkWriter:
@@ -64,6 +71,8 @@ class ChunkWriter:
                  max_pending: int = 3):
         self.root = root
         self.committed = dict(committed)
+        # kept for callers; rows are never preallocated from a planned length (a killed
+        # `--epochs 100000000` run must stay cheap to open): capacity grows by doubling
         self.expected_rows = dict(expected_rows or {})
         self.groups: dict[str, RowGroup] = {}
         self._queue: queue.Queue = queue.Queue(maxsize=max_pending)
@@ -71,6 +80,8 @@ class ChunkWriter:
         self.blocked_seconds = 0.0      # training-thread time spent waiting on a full queue
         self.bytes_written = 0
         self.write_seconds = 0.0        # writer-thread time spent converting + writing
+        self.notices: list[str] = []    # warnings for the training thread to show
+        self._nonfinite_warned: set = set()
         self._thread = threading.Thread(target=self._run, name="dynascope-writer", daemon=True)
         self._thread.start()
 
@@ -79,6 +90,21 @@ class ChunkWriter:
         if name not in self.groups:
             self.groups[name] = RowGroup(name, row_dim, chunk_rows, start=self.committed.get(name, 0))
         return self.groups[name]
+
+    def adopt(self) -> None:
+        """Take over the row arrays a resumed store already has (writer thread not busy yet)."""
+        self._submit(("adopt",))
+        self._queue.join()
+        self.raise_if_failed()
+
+    def truncate(self, rows: dict) -> None:
+        """Cut groups back to `rows` (committed first, then the arrays), and wait."""
+        self._submit(("truncate", dict(rows)))
+        self._queue.join()
+        self.raise_if_failed()
+        for name, n in rows.items():
+            if name in self.groups:
+                self.groups[name].start = n
 
     def declare(self, spec: ArraySpec) -> None:
         group = self.groups.get(spec.group)
@@ -121,16 +147,43 @@ class ChunkWriter:
         self._thread.join()
         self.raise_if_failed()
 
-    def abort(self) -> None:
-        """Best effort after a failure: write what is buffered, never raise."""
+    def abort(self, attrs: dict | None = None, before=None) -> list[str]:
+        """Best effort after a failure, never raising: stop the thread, then (in this thread,
+        so nothing writes concurrently) mark the store with `attrs` first, a tiny write that
+        matters most, then write what is buffered, trim, and mark it again with the final
+        committed counts. `before()` runs once the thread stopped (e.g. free reserved disk
+        space). Returns what could not be done, for the caller to report."""
+        problems: list[str] = []
         try:
-            for group in self.groups.values():
-                if group.buffer:
-                    self._hand_off(group)
-            self._submit(None)
+            self._queue.put(None, timeout=60)
         except BaseException:  # noqa: BLE001 - we are already handling an error
             pass
-        self._thread.join(timeout=60)
+        self._thread.join(timeout=120)
+        if self._thread.is_alive():
+            return ["the writer thread did not stop within 120 s; the store is readable up to "
+                    "its committed rows"]
+        if self._error is not None:
+            problems.append(f"writer: {self._error!r}")
+            self._error = None
+        if before is not None:
+            before()
+        steps = []
+        if attrs:
+            steps.append(("status", lambda: self._do_attrs(attrs)))
+        for group in self.groups.values():
+            if group.buffer:
+                rows, start, group.buffer = group.buffer, group.start, []
+                steps.append((f"{len(rows)} buffered {group.name} rows",
+                              lambda g=group.name, s=start, r=rows: self._do_rows(g, s, r)))
+        steps.append(("trim", self._do_trim))
+        if attrs:
+            steps.append(("status", lambda: self._do_attrs(attrs)))
+        for what, do in steps:
+            try:
+                do()
+            except BaseException as e:  # noqa: BLE001
+                problems.append(f"{what}: {e!r}")
+        return problems
 
     def raise_if_failed(self) -> None:
         if self._error is not None:
@@ -139,9 +192,15 @@ class ChunkWriter:
 
     # -- internals ----------------------------------------------------------------
     def _hand_off(self, group: RowGroup) -> None:
+        # at most one chunk per group in flight: a kill then loses the open buffer and the
+        # chunk being written, never a queue of chunks
+        t0 = time.perf_counter()
+        group.done.wait()
+        self.blocked_seconds += time.perf_counter() - t0
         rows, start = group.buffer, group.start
         group.buffer = []
         group.start += len(rows)
+        group.done.clear()
         self._submit(("rows", group.name, start, rows))
 
     def _submit(self, task) -> None:
@@ -162,6 +221,8 @@ class ChunkWriter:
             except BaseException as e:  # noqa: BLE001 - reported to the training thread
                 self._error = e
             finally:
+                if task is not None and task[0] == "rows":
+                    self.groups[task[1]].done.set()
                 self._queue.task_done()
 
     def _do_attrs(self, attrs: dict) -> None:
@@ -183,6 +244,11 @@ class ChunkWriter:
 
     def _do_rows(self, group_name: str, start: int, rows: list[dict]) -> None:
         group = self.groups[group_name]
+        if start != self.committed.get(group_name, 0):
+            # an earlier write of this group failed: writing on would leave a gap of fill
+            # values below a committed count that claims them
+            raise RuntimeError(f"{group_name} rows {self.committed.get(group_name, 0)}..{start - 1} "
+                               f"were not written; refusing to commit rows after a gap")
         zgroup = self.root.require_group(group_name)
         n = len(rows)
         blocks = {}
@@ -191,6 +257,7 @@ class ChunkWriter:
             if all(v is None for v in values):
                 continue
             blocks[name] = self._stack(spec, values)
+        self._check_nonfinite(group_name, start, blocks)
         # grow shared dimensions (slot, class, ...) and rows before writing
         for name, block in blocks.items():
             for dim, size in zip(group.specs[name].dims[1:], block.shape[1:]):
@@ -198,8 +265,7 @@ class ChunkWriter:
                     self._grow_dim(group, dim, size)
         end = start + n
         if end > group.capacity:
-            want = max(end, 2 * group.capacity, self.expected_rows.get(group_name, 0),
-                       group.chunk_rows * 16 if group.chunk_rows > 1 else 1)
+            want = max(end, 2 * group.capacity, group.chunk_rows * 16 if group.chunk_rows > 1 else 1)
             self._grow_rows(group, want)
         for name, block in blocks.items():
             spec = group.specs[name]
@@ -209,6 +275,29 @@ class ChunkWriter:
             self.bytes_written += block.nbytes
         self.committed[group_name] = end
         self.root.attrs["committed"] = dict(self.committed)
+
+    def _check_nonfinite(self, group_name: str, start: int, blocks: dict) -> None:
+        """Count examples whose loss / logits are NaN or inf per row (padding excluded), here
+        in the writer thread from the host copies, so training pays nothing for it."""
+        group = self.groups[group_name]
+        if "nonfinite_loss" in group.specs and "loss" in blocks:
+            n = blocks["loss"].shape[0]
+            width = blocks["loss"].shape[1] if blocks["loss"].ndim > 1 else 1
+            valid = (blocks["example_id"] >= 0) if "example_id" in blocks else np.ones((n, width), bool)
+            for name, src in (("nonfinite_loss", "loss"), ("nonfinite_logits", "logits")):
+                if src in blocks and name not in blocks:
+                    bad = ~np.isfinite(blocks[src].reshape(n, width, -1)).all(-1) & valid.reshape(n, width)
+                    blocks[name] = bad.sum(1).astype(np.int32)
+        for name in ("nonfinite_loss", "nonfinite_logits"):
+            counts = blocks.get(name)
+            if counts is None or (group_name, name) in self._nonfinite_warned or not (counts > 0).any():
+                continue
+            self._nonfinite_warned.add((group_name, name))
+            row = start + int(np.flatnonzero(counts > 0)[0])
+            what = name.split("_", 1)[1]
+            self.notices.append(f"{group_name} row {row}: {int(counts.max())} example(s) with NaN/inf {what}; "
+                                f"they are stored as recorded and counted in {group_name}/{name} "
+                                f"(`dynascope info` reports them; analyses give NaN, never 0)")
 
     def _stack(self, spec: ArraySpec, values: list) -> np.ndarray:
         arrays = [None if v is None else _to_numpy(v) for v in values]
@@ -230,6 +319,18 @@ class ChunkWriter:
         return out
 
     def _create(self, group: RowGroup, zgroup: zarr.Group, spec: ArraySpec, block: np.ndarray) -> zarr.Array:
+        if spec.name in zgroup:   # a resumed store: an array declared after reopening keeps its rows
+            arr = zgroup[spec.name]
+            group.arrays[spec.name] = arr
+            for dim, size in zip(spec.dims[1:], arr.shape[1:]):
+                group.dim_sizes[dim] = max(group.dim_sizes.get(dim, 0), size)
+            for dim, size in zip(spec.dims[1:], block.shape[1:]):
+                if size > group.dim_sizes.get(dim, 0):
+                    self._grow_dim(group, dim, size)
+            if arr.shape[0] < group.capacity:
+                arr.resize((group.capacity, *arr.shape[1:]))
+            group.capacity = max(group.capacity, arr.shape[0])
+            return arr
         trailing = []
         for dim, size in zip(spec.dims[1:], block.shape[1:]):
             group.dim_sizes[dim] = max(group.dim_sizes.get(dim, 0), size)
@@ -258,6 +359,58 @@ class ChunkWriter:
                 shape = list(arr.shape)
                 shape[dims.index(dim)] = size
                 arr.resize(tuple(shape))
+
+    def _do_adopt(self) -> None:
+        """Load the row arrays of a reopened store; grow any array that an interrupted
+        resize or trim left shorter than its group, so every array agrees again."""
+        for group in self.groups.values():
+            if group.name not in self.root:
+                continue
+            zgroup = self.root[group.name]
+            for name, arr in zgroup.arrays():
+                dims = tuple(arr.metadata.dimension_names or ())
+                if not dims or dims[0] != group.row_dim or name not in group.specs:
+                    continue
+                group.arrays[name] = arr
+                for dim, size in zip(dims[1:], arr.shape[1:]):
+                    group.dim_sizes[dim] = max(group.dim_sizes.get(dim, 0), size)
+            if not group.arrays:
+                continue
+            capacity = max(a.shape[0] for a in group.arrays.values())
+            capacity = max(capacity, self.committed.get(group.name, 0))
+            for dim, size in list(group.dim_sizes.items()):
+                self._grow_dim(group, dim, size)
+            self._grow_rows(group, capacity)
+
+    def _do_truncate(self, rows: dict) -> None:
+        # committed goes down before the arrays shrink: arrays never end shorter than it
+        for name, n in rows.items():
+            self.committed[name] = min(int(n), self.committed.get(name, 0))
+        self.root.attrs["committed"] = dict(self.committed)
+        for name in rows:
+            group = self.groups.get(name)
+            if group is not None and group.arrays:
+                self._grow_rows(group, self.committed[name])
+
+    def _do_fill(self, group_name: str, end: int) -> None:
+        """Commit fill-value rows up to `end`: rows lost in a kill of a group that must stay
+        row-aligned with another (params with train)."""
+        group = self.groups[group_name]
+        start = self.committed.get(group_name, 0)
+        if end <= start or not group.arrays:
+            return
+        if end > group.capacity:
+            self._grow_rows(group, end)
+        for arr in group.arrays.values():
+            arr[start:end] = np.full((end - start, *arr.shape[1:]), arr.fill_value, dtype=arr.dtype)
+        self.committed[group_name] = end
+        self.root.attrs["committed"] = dict(self.committed)
+        group.start = end
+
+    def pad(self, group_name: str, end: int) -> None:
+        self._submit(("fill", group_name, end))
+        self._queue.join()
+        self.raise_if_failed()
 
     def _do_trim(self) -> None:
         for group in self.groups.values():

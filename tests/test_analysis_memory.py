@@ -104,11 +104,12 @@ def test_streamed_equals_gathered_with_default_blocks(planted_noisy_run):
 
 @pytest.fixture(scope="module")
 def edge_run(tmp_path_factory):
-    """Hand-made presentations: example 3 twice in step 1, short padded batches, steps 4 and
+    """Hand-made presentations: example 3 in consecutive steps (an id twice in one batch is
+    an error), short padded batches, steps 4 and
     9 without logits, example 7 seen only in step 4; 2-step chunks."""
     path = tmp_path_factory.mktemp("edge") / "edge.zarr"
     g = torch.Generator().manual_seed(3)
-    batches = [[0, 1, 2, 3], [3, 4, 3, 5], [6, 0], [1, 2, 4, 5], [7, 6, 0], [3, 1, 2],
+    batches = [[0, 1, 2, 3], [3, 4, 2, 5], [6, 0], [1, 2, 4, 5], [7, 6, 0], [3, 1, 2],
                [5, 4, 6], [0, 3], [2, 1, 5, 4], [6, 0, 3]]
     targets = torch.tensor([0, 1, 2, 0, 1, 2, 0, 1])
     with Recorder(path, nn.Linear(1, 3), num_classes=3, num_examples=8, chunk_steps=2,

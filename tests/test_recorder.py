@@ -114,10 +114,10 @@ def test_bad_example_ids_get_clear_errors_and_keep_earlier_rows(tmp_path, ids, m
     model = nn.Linear(4, 3)
     with pytest.raises((TypeError, ValueError), match=match):
         with Recorder(path, model, num_classes=3, num_examples=40, chunk_steps=8) as rec:
-            with rec.step(example_ids=torch.tensor([5, 6])) as step:
+            with rec.step(example_ids=torch.tensor([5, 6]), targets=torch.tensor([0, 1])) as step:
                 out = model(torch.randn(2, 4))
                 step.record(losses=out.sum(1), logits=out)
-            rec.step(example_ids=ids)
+            rec.step(example_ids=ids, targets=torch.zeros(ids.shape[-1], dtype=torch.long))
     run = analysis.open_run(path)
     assert run.status == "failed" and run.committed["train"] == 1
     np.testing.assert_array_equal(run.train.example_id.values[0], [5, 6])
@@ -127,7 +127,7 @@ def test_logits_batch_mismatch_is_reported(tmp_path):
     model = nn.Linear(4, 3)
     with pytest.raises(ValueError, match=r"logits must have shape \(2, num_classes\)"):
         with Recorder(tmp_path / "r.zarr", model, num_classes=3, num_examples=10) as rec:
-            with rec.step(example_ids=torch.tensor([0, 1])) as step:
+            with rec.step(example_ids=torch.tensor([0, 1]), targets=torch.tensor([0, 1])) as step:
                 out = model(torch.randn(3, 4))
                 step.record(losses=out.sum(1)[:2], logits=out)
 
@@ -136,7 +136,7 @@ def test_losses_must_be_per_example(tmp_path):
     model = nn.Linear(4, 3)
     with pytest.raises(ValueError, match="reduction='none'"):
         with Recorder(tmp_path / "r.zarr", model, num_classes=3, num_examples=10) as rec:
-            with rec.step(example_ids=torch.tensor([0, 1])) as step:
+            with rec.step(example_ids=torch.tensor([0, 1]), targets=torch.tensor([0, 1])) as step:
                 out = model(torch.randn(2, 4))
                 step.record(losses=out.sum(), logits=out)
 

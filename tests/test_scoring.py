@@ -22,7 +22,10 @@ def test_perfect_inverted_and_inf():
 
 
 def test_nan_dropped_and_degenerate():
-    assert auroc([np.nan, 0.2, 0.9], [0, 0, 1]) == 1.0
+    with pytest.warns(UserWarning, match="dropped 1 of 3 examples whose score is NaN"):
+        assert auroc([np.nan, 0.2, 0.9], [0, 0, 1]) == 1.0
+    with pytest.warns(UserWarning):
+        assert auroc([np.nan, 0.2, 0.9, np.nan], [1, 0, 1, 0], return_counts=True) == (1.0, 2, 2)
     assert np.isnan(auroc([1, 2], [1, 1]))
     with pytest.raises(ValueError):
         auroc([1, 2, 3], [1, 0])

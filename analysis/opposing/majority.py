@@ -13,6 +13,7 @@ import warnings
 import numpy as np
 import xarray as xr
 
+from ..checks import check_range
 from ..registry import register_analysis
 from ..run import Run
 from .data import Dropped, gradient_group, probe_slice, probe_times, train_chunks, train_gram_chunks, use_gram
@@ -61,6 +62,7 @@ def majority_opposition(run: Run, source: str = "train", threshold: float = 0.0,
     component against the mean step). cosine_source (train): 'auto' (the exact Gram when
     recorded), 'exact_gram' or 'sketch'.
     """
+    check_range("threshold", threshold, -1, 1, "a cosine")
     ds = gradient_group(run, source)
     gram = source == "train" and use_gram(ds, cosine_source)
     dropped = Dropped("majority_opposition")

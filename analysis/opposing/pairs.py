@@ -13,9 +13,12 @@ cos + z sd <= cos_threshold. Magnitudes from the exact `grad_norm`.
 """
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import xarray as xr
 
+from ..checks import check_range
 from ..registry import register_analysis
 from ..run import Run
 from .data import (Dropped, class_names, gradient_group, num_classes, probe_slice, probe_times,
@@ -88,6 +91,9 @@ def opposing_pairs(run: Run, cos_threshold: float | None = -0.5, magnitude_ratio
     margin: z; with sketched cosines a pair is kept only when cos + z sd <= cos_threshold.
     cosine_source (train): 'auto' (the exact Gram when recorded), 'exact_gram' or 'sketch'.
     """
+    check_range("cos_threshold", cos_threshold, -1, 1, "a cosine", optional=True)
+    check_range("magnitude_ratio", magnitude_ratio, 1, math.inf, "the largest allowed norm ratio", optional=True)
+    check_range("top_k", top_k, 1, math.inf, "partners kept per example")
     ds = gradient_group(run, source)
     gram = source == "train" and use_gram(ds, cosine_source)
     c0 = 0.0 if gram else sketch_error(run, source)["c0"]

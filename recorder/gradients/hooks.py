@@ -54,6 +54,10 @@ class Hooks:
         """Hook a model directly (used by attach, tests and benchmarks)."""
         from .extension import _Layer
         self.detach()
+        if self.layer_patterns:   # a misspelt layer would otherwise record norms of 0
+            from ..validation import check_patterns_match
+
+            check_patterns_match(self.layer_patterns, [n for n, _ in model.named_modules() if n], "grad_layers")
         plan = discover(model, self.layer_patterns)
         self.excluded, self.batchnorm_modules = plan.excluded, plan.batchnorm
         self.layers = [_Layer(s.name, s.module, s.rule, s.params, s.rule.shape(s.module, s.params),
