@@ -23,8 +23,8 @@ ANALYSES = ("forgetting", "cartography", "aum", "el2n", "difficulty", "loss_traj
 CHILD = r"""
 import json, resource, sys, tracemalloc
 sys.path.insert(0, sys.argv[1])
-import analysis
-from analysis.sequences import gather
+from dynascope import analysis
+from dynascope.analysis.sequences import gather
 store, name, mode = sys.argv[2:5]
 run = analysis.open_run(store)
 kwargs = {"source": "train"} if name == "loss_trajectories" else {}

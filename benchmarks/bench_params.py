@@ -13,8 +13,8 @@ import time
 import torch
 import torch.nn.functional as F
 
-from recorder.models import build_model
-from recorder.params import ParamStats, hist_edges
+from dynascope.recorder.models import build_model
+from dynascope.recorder.params import ParamStats, hist_edges
 
 
 def main() -> None:

@@ -11,8 +11,8 @@ import time
 import torch
 import torch.nn.functional as F
 
-from recorder import Recorder
-from recorder.models import build_model
+from dynascope.recorder import Recorder
+from dynascope.recorder.models import build_model
 
 
 def run(path: str, stats: bool, steps: int) -> tuple[float, float]:

@@ -21,8 +21,8 @@ import xarray as xr
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import analysis  # noqa: E402
-from analysis.cluster import scheduler  # noqa: E402
+from dynascope import analysis  # noqa: E402
+from dynascope.analysis.cluster import scheduler  # noqa: E402
 
 
 def loadavg() -> str:

@@ -16,8 +16,8 @@ import dask
 import dask.array as da
 import numpy as np
 
-from analysis.cka import cka, cka_matrix
-from analysis.correlation import pearson
+from dynascope.analysis.cka import cka, cka_matrix
+from dynascope.analysis.correlation import pearson
 
 
 def measure(label, fn):

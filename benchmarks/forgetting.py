@@ -25,8 +25,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from analysis.forgetting import forgetting_counts  # noqa: E402
-from analysis.sequences import sort_table  # noqa: E402
+from dynascope.analysis.forgetting import forgetting_counts  # noqa: E402
+from dynascope.analysis.sequences import sort_table  # noqa: E402
 
 
 def make_table(n: int, epochs: int, batch: int, seed: int = 0):
@@ -85,8 +85,7 @@ def store_end_to_end(n, epochs, batch, classes=10):
     """Write a run store with logits for `epochs` epochs and time analysis.forgetting on it."""
     import zarr
 
-    import analysis
-
+    from dynascope import analysis
     ids, correct = make_table(n, epochs, batch, seed=1)
     target = np.where(ids >= 0, ids % classes, -1)
     logits = np.zeros(ids.shape + (classes,), np.float32)

@@ -20,7 +20,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from recorder import Recorder
+from dynascope.recorder import Recorder
 
 IGNORE = -100
 

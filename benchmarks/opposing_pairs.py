@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from analysis.opposing.topk import most_negative_pairs, unit_rows  # noqa: E402
+from dynascope.analysis.opposing.topk import most_negative_pairs, unit_rows  # noqa: E402
 
 
 def make_data(n: int, d: int, dtype, pairs: int, seed: int = 0):

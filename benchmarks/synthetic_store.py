@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from recorder import Recorder  # noqa: E402
+from dynascope.recorder import Recorder  # noqa: E402
 
 
 def make_store(path, num_examples: int = 50_000, epochs: int = 12, batch: int = 500, classes: int = 10,

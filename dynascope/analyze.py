@@ -28,7 +28,7 @@ def _fmt(x) -> str:
 
 
 def summary_lines(run) -> list[str]:
-    from analysis import epoch_curves
+    from dynascope.analysis import epoch_curves
 
     ds = run.dataset
     n = ds.get("num_classes")
@@ -58,9 +58,9 @@ def summary_lines(run) -> list[str]:
 
 def check_names(only, per: dict) -> None:
     """Unknown analysis names or parameters: one error suggesting close matches."""
-    from analysis import ANALYSES
-    from analysis.parameters import unknown_message
-    from analysis.registry import defaults, open_ended
+    from dynascope.analysis import ANALYSES
+    from dynascope.analysis.parameters import unknown_message
+    from dynascope.analysis.registry import defaults, open_ended
 
     for name in list(only) + list(per):
         if name not in ANALYSES:
@@ -78,7 +78,7 @@ def run_analyses(path, only=(), save=False, params=(), echo=print, scheduler=Non
                  storage_options=None) -> dict:
     """`scheduler`: address of the user's dask.distributed scheduler to compute on (None:
     dask's default threads in this process; no cluster is ever started here)."""
-    from analysis.cluster import scheduler as dask_scheduler
+    from dynascope.analysis.cluster import scheduler as dask_scheduler
 
     with dask_scheduler(scheduler) as client:
         if client is not None:
@@ -87,7 +87,7 @@ def run_analyses(path, only=(), save=False, params=(), echo=print, scheduler=Non
 
 
 def _run_analyses(path, only, save, params, echo, storage_options) -> dict:
-    from analysis import ANALYSES, open_run, parameters, save_result
+    from dynascope.analysis import ANALYSES, open_run, parameters, save_result
 
     run = open_run(path, storage_options=storage_options)
     per = parse_params(params)

@@ -83,7 +83,7 @@ def _record_options(func):
 
 
 def _config(out: str, kw: dict):
-    from recorder.driver import TrainConfig
+    from dynascope.recorder.driver import TrainConfig
 
     dataset_options = {k: kw.pop(k) for k in ("label_noise", "planted_fraction") if kw.get(k) is not None}
     kw.pop("label_noise", None), kw.pop("planted_fraction", None)
@@ -98,8 +98,8 @@ def _config(out: str, kw: dict):
 @user_errors
 def record(out, resume, **kw):
     """Train a built-in model on a dataset and record the run."""
-    from recorder.driver import record_run
-    from recorder.signals import Terminated
+    from dynascope.recorder.driver import record_run
+    from dynascope.recorder.signals import Terminated
 
     cfg = _resume_config(out, kw) if resume else _config(out, kw)
     try:
@@ -119,8 +119,8 @@ def _resume_config(out: str, kw: dict):
     """The run's own recorded options; any option given again must agree with them."""
     from click.core import ParameterSource
 
-    from recorder.driver import TrainConfig
-    from recorder.resume import IGNORED_CONFIG, ResumeError, stored_attrs
+    from dynascope.recorder.driver import TrainConfig
+    from dynascope.recorder.resume import IGNORED_CONFIG, ResumeError, stored_attrs
 
     stored = dict(stored_attrs(Path(out)).get("config", {}))
     given = _config(out, dict(kw))
@@ -222,8 +222,8 @@ def _echo_written(written, out) -> None:
 def figures(run_paths, out, spec, formats, only, params, style_name, width, dpi, animations):
     """Render every figure the runs have data for; with several runs, also comparison figures
     (seeds of one configuration averaged). Draws from results saved by `analyze --save`."""
-    from figures.batch import render_runs, render_spec
-    from figures.style import Look
+    from dynascope.figures.batch import render_runs, render_spec
+    from dynascope.figures.style import Look
 
     from .analyze import parse_params
 
@@ -231,7 +231,7 @@ def figures(run_paths, out, spec, formats, only, params, style_name, width, dpi,
         if run_paths or out or only or params:
             raise click.UsageError("--spec names runs, output, figures and parameters itself; "
                                    "pass either --spec or RUN... --out, not both")
-        from figures.batch import load_spec
+        from dynascope.figures.batch import load_spec
 
         written = render_spec(spec)
         _echo_written(written, load_spec(spec).out)
@@ -254,7 +254,7 @@ def figures(run_paths, out, spec, formats, only, params, style_name, width, dpi,
 def report(run_path, out, params, animations):
     """Write report.html (sections, figures, findings, scores against ground truth) and
     summary.txt into OUT. Draws from results saved by `analyze --save`."""
-    from figures.report import write_report
+    from dynascope.figures.report import write_report
 
     from .analyze import parse_params
 

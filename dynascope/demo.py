@@ -17,19 +17,19 @@ def _has(module: str) -> bool:
 
 
 def demo_config(out_dir: Path, epochs: int, device: str):
-    from recorder.driver import TrainConfig
+    from dynascope.recorder.driver import TrainConfig
 
-    grads = _has("recorder.gradients")
+    grads = _has("dynascope.recorder.gradients")
     return TrainConfig(dataset="planted", model="cnn", epochs=epochs, out=str(out_dir / "run.zarr"),
                        batch_size=128, lr=0.05, device=device, probe_size=500, probe_every=4,
                        grad_norms=grads, grad_proj_dim=1024 if grads else 0,
-                       activations="conv1,conv2,fc1,fc2" if _has("recorder.activations") else None,
-                       augment_samples="0,1,2,3" if _has("recorder.augment") else None, augment_n=100,
+                       activations="conv1,conv2,fc1,fc2" if _has("dynascope.recorder.activations") else None,
+                       augment_samples="0,1,2,3" if _has("dynascope.recorder.augment") else None, augment_n=100,
                        snapshot_params="conv2.weight,fc2.weight", snapshot_every=2, overwrite=True)
 
 
 def run_demo(out_dir: Path, epochs: int = 12, device: str = "cpu", echo=print) -> dict:
-    from recorder.driver import record_run
+    from dynascope.recorder.driver import record_run
 
     out_dir.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
@@ -43,8 +43,8 @@ def run_demo(out_dir: Path, epochs: int = 12, device: str = "cpu", echo=print) -
     echo(f"[2/3] analyzing ({t1 - t0:.0f} s so far)")
     run_analyses(run_path, save=True, echo=echo)
 
-    from analysis import open_run
-    from figures.report import write_report
+    from dynascope.analysis import open_run
+    from dynascope.figures.report import write_report
 
     t2 = time.perf_counter()
     echo(f"[3/3] rendering every figure and the report → {out_dir} ({t2 - t0:.0f} s so far)")

@@ -17,7 +17,7 @@ def _human(n: float) -> str:
 
 
 def describe_run(path) -> dict:
-    from analysis.run import open_run, saved_results
+    from dynascope.analysis.run import open_run, saved_results
 
     run = open_run(path)
     groups = {}
@@ -92,11 +92,11 @@ def format_description(d: dict) -> str:
 
 def catalogue() -> dict:
     """Every analysis, figure and comparison figure with its parameters and defaults."""
-    import analysis
-    import figures
-    from analysis.registry import defaults
-    from figures.compare import COMPARISONS
-    from figures.render import figure_parameters
+    from dynascope import analysis
+    from dynascope import figures
+    from dynascope.analysis.registry import defaults
+    from dynascope.figures.compare import COMPARISONS
+    from dynascope.figures.render import figure_parameters
 
     def clean(d):
         return {k: (None if v is inspect_empty() else v) for k, v in d.items()}

@@ -4,7 +4,7 @@ Each figure is a function (run, **params) -> matplotlib Figure registered in
 `figures.registry.FIGURES`; `render_all` batch-renders those the run has data for.
 """
 from .registry import FIGURES, available_figures, register_figure
-from .style import PALETTE, save_figure, style
+from .style import PALETTE, figure_style, save_figure
 
 # Figure modules register themselves on import (one line each).
 from . import curves  # noqa: F401,E402
@@ -19,4 +19,4 @@ from .batch import render_runs, render_spec  # noqa: E402
 from .report import write_report  # noqa: E402
 
 __all__ = ["FIGURES", "available_figures", "register_figure", "PALETTE", "save_figure",
-           "style", "render_all", "render_figure", "render_runs", "render_spec", "write_report"]
+           "figure_style", "render_all", "render_figure", "render_runs", "render_spec", "write_report"]

@@ -12,11 +12,11 @@ import matplotlib.pyplot as plt
 import numpy as np
 from matplotlib.animation import FuncAnimation, PillowWriter
 
-import analysis
-from analysis.run import Run
+from dynascope import analysis
+from dynascope.analysis.run import Run
 
 from .registry import register_figure
-from .style import DECREASE, INCREASE, TEST, TRAIN, class_color, integer_axis, style
+from .style import DECREASE, INCREASE, TEST, TRAIN, class_color, integer_axis, figure_style
 
 GIF_DPI = 90
 
@@ -84,7 +84,7 @@ def training_animation(run: Run, path, fps: int = 3, max_frames: int | None = 60
     names = list(c["class_name"].values)
     pairs = _opposing_counts(run, epochs)
     frames = sample_frames(len(epochs), max_frames)
-    with style():
+    with figure_style():
         fig, axes = plt.subplots(2, 2, figsize=(9, 6), width_ratios=[1, 1.6], layout="constrained")
         (ax_bar, ax_cls), (ax_stats, ax_time) = axes
 
@@ -150,7 +150,7 @@ def loss_trajectories_animation(run: Run, path, fps: int = 5, max_frames: int | 
     names = run.class_names
     frames = sample_frames(len(x), max_frames)
     top = float(np.nanmax(loss[:, shown])) * 1.05
-    with style():
+    with figure_style():
         fig, ax = plt.subplots(figsize=(7, 4), layout="constrained")
         lines = [ax.plot([], [], color=class_color(int(target[m])), lw=1.1, alpha=0.8)[0] for m in shown]
         mean = np.nanmean(loss, axis=1)

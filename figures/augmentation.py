@@ -5,12 +5,12 @@ from __future__ import annotations
 import matplotlib.pyplot as plt
 import numpy as np
 
-from analysis import augmentation as A
-from analysis import features as F
-from analysis.run import Run
+from dynascope.analysis import augmentation as A
+from dynascope.analysis import features as F
+from dynascope.analysis.run import Run
 
 from .registry import register_figure
-from .style import DIVERGING_CMAP, PALETTE, mark_blocks, style
+from .style import DIVERGING_CMAP, PALETTE, mark_blocks, figure_style
 
 NEEDS = ("augmentation",)
 
@@ -25,7 +25,7 @@ def augmentation_montage(run: Run, max_views: int = 48, columns: int = 12):
     cols = min(columns, len(views))
     rows = int(np.ceil(len(views) / cols))
     sid = m.attrs.get("sample_id", "?")
-    with style():
+    with figure_style():
         fig, axes = plt.subplots(rows, cols, figsize=(0.62 * cols + 0.2, 0.62 * rows + 0.5), squeeze=False)
         for k, ax in enumerate(axes.flat):
             ax.set_axis_off()
@@ -55,7 +55,7 @@ def augmentation_invariance(run: Run, layers=None):
     res = A.augmentation_invariance(run, layers)
     names = list(res["layer"].values)
     x = np.arange(len(names))
-    with style():
+    with figure_style():
         fig, ax = plt.subplots(figsize=(max(4.4, 0.8 * len(names) + 2.8), 2.8))
         ax.bar(x, res["ratio"].values, color=PALETTE[0], alpha=0.75, width=0.6, label="mean over examples")
         per = res["ratio_per_sample"].values
@@ -80,7 +80,7 @@ def augmentation_view_correlation(run: Run, layers=None, max_samples: int = 4, v
     names = F.activation_layers(run, layers, group="augmentation")
     if layers is None:
         names = sorted({names[0], names[-1]}, key=names.index)
-    with style():
+    with figure_style():
         fig, axes = plt.subplots(1, len(names), figsize=(3.0 * len(names) + 1.0, 3.1), squeeze=False)
         for ax, a in zip(axes[0], names):
             r = A.view_correlation(run, a, max_samples, views_per_sample)

@@ -31,8 +31,8 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from analysis import parameters
-from analysis.run import Run, open_run
+from dynascope.analysis import parameters
+from dynascope.analysis.run import Run, open_run
 
 from .compare import COMPARISONS
 from .registry import FIGURES

@@ -13,10 +13,10 @@ from typing import Callable
 import matplotlib.pyplot as plt
 import numpy as np
 
-import analysis
-from analysis.registry import first_paragraph, run_has_all
+from dynascope import analysis
+from dynascope.analysis.registry import first_paragraph, run_has_all
 
-from .style import PALETTE, class_color, integer_axis, style
+from .style import PALETTE, class_color, integer_axis, figure_style
 
 # configuration keys that never define a condition: where and how a run was stored or run
 NOT_A_CONDITION = {"seed", "out", "overwrite", "device", "data_dir", "download", "chunk_steps"}
@@ -86,7 +86,7 @@ def _label(r) -> str:
 def compare_training_curves(runs):
     """Training loss and held-out (or probe) accuracy per epoch for each condition: mean over
     seeds, band ± one standard deviation."""
-    with style():
+    with figure_style():
         fig, (ax, bx) = plt.subplots(1, 2, figsize=(6.9, 2.6))
         for k, (label, rs) in enumerate(conditions(runs)):
             cs = [analysis.epoch_curves(r) for r in rs]
@@ -109,7 +109,7 @@ def compare_class_curves(runs):
     """Held-out accuracy of each class per epoch (training accuracy when no held-out split was
     recorded), one panel per condition; lines are the mean over seeds."""
     conds = conditions(runs)
-    with style():
+    with figure_style():
         fig, axes = plt.subplots(1, len(conds), figsize=(2.6 * len(conds) + 1.2, 2.6), sharey=True, squeeze=False)
         for ax, (label, rs) in zip(axes[0], conds):
             cs = [analysis.class_curves(r) for r in rs]
@@ -130,7 +130,7 @@ def compare_class_curves(runs):
 def compare_data_maps(runs):
     """Data maps (Swayamdipta et al. 2020) side by side, one per run: mean confidence in the
     given label against its variability over epochs, coloured by correctness."""
-    with style():
+    with figure_style():
         fig, axes = plt.subplots(1, len(runs), figsize=(2.5 * len(runs) + 0.8, 2.6), sharex=True, sharey=True,
                                  squeeze=False)
         for ax, r in zip(axes[0], runs):
@@ -147,7 +147,7 @@ def compare_data_maps(runs):
 def compare_forgetting(runs):
     """Distribution of forgetting events per example for each condition (mean share over
     seeds). Never-learned examples are counted apart, in the legend, not as a number of events."""
-    with style():
+    with figure_style():
         fig, ax = plt.subplots(figsize=(3.6, 2.6))
         conds = conditions(runs)
         fs = {label: [analysis.forgetting(r, never_learned="exclude") for r in rs] for label, rs in conds}
@@ -172,7 +172,7 @@ def compare_forgetting(runs):
 def compare_opposing_pairs(runs):
     """Number of opposing pairs at each probe pass for each condition: mean over seeds, band
     ± one standard deviation; thresholds as stated below the figure."""
-    with style():
+    with figure_style():
         fig, ax = plt.subplots(figsize=(3.6, 2.6))
         for k, (label, rs) in enumerate(conditions(runs)):
             rr = [analysis.opposing_pairs(r) for r in rs]
@@ -188,7 +188,7 @@ def compare_gradient_statistics(runs):
     near-zero components and sign-flip fraction (mean over seeds, band ± one standard deviation)."""
     panels = (("epoch_grad_norm", "gradient norm", 1), ("epoch_below_eps_fraction", "near-zero components (%)", 100),
               ("epoch_sign_flip_fraction", "sign flips (%)", 100))
-    with style():
+    with figure_style():
         fig, axes = plt.subplots(1, 3, figsize=(6.9, 2.4))
         for k, (label, rs) in enumerate(conditions(runs)):
             gs = [analysis.gradient_dynamics(r) for r in rs]

@@ -5,11 +5,11 @@ from __future__ import annotations
 import matplotlib.pyplot as plt
 import numpy as np
 
-import analysis
-from analysis.run import Run
+from dynascope import analysis
+from dynascope.analysis.run import Run
 
 from .registry import register_figure
-from .style import TEST, TRAIN, class_color, integer_axis, style
+from .style import TEST, TRAIN, class_color, integer_axis, figure_style
 
 PROBE = "#009E73"
 
@@ -20,7 +20,7 @@ def training_curves(run: Run):
     c = analysis.epoch_curves(run)
     epochs = c["epoch"].values
     has_acc = "train_accuracy" in c
-    with style():
+    with figure_style():
         ncols = 3 if has_acc else 2
         fig, axes = plt.subplots(1, ncols, figsize=(3.2 * ncols, 2.6))
         ax = axes[0]
@@ -62,7 +62,7 @@ def class_curves(run: Run, columns: int = 5):
     k = c.sizes["class_id"]
     ncols = min(columns, k)
     nrows = int(np.ceil(k / ncols))
-    with style():
+    with figure_style():
         fig, axes = plt.subplots(nrows, ncols, figsize=(1.5 * ncols + 0.4, 1.25 * nrows + 0.5),
                                  sharex=True, sharey=True, squeeze=False)
         for j, cid in enumerate(c["class_id"].values):
@@ -100,7 +100,7 @@ def loss_trajectories(run: Run, per_class: int = 12, seed: int = 0):
     ncols = min(5, len(classes))
     nrows = int(np.ceil(len(classes) / ncols))
     rng = np.random.default_rng(seed)
-    with style():
+    with figure_style():
         fig, axes = plt.subplots(nrows, ncols, figsize=(2.3 * ncols, 1.9 * nrows + 0.4),
                                  sharex=True, sharey=True, squeeze=False)
         loss = t["loss"].values

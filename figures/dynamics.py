@@ -10,11 +10,11 @@ import matplotlib.pyplot as plt
 import numpy as np
 from matplotlib.colors import BoundaryNorm, ListedColormap, LogNorm, TwoSlopeNorm
 
-import analysis
-from analysis.run import Run
+from dynascope import analysis
+from dynascope.analysis.run import Run
 
 from .registry import register_figure
-from .style import DECREASE, DIVERGING_CMAP, INCREASE, PALETTE, TEST, TRAIN, class_color, integer_axis, style
+from .style import DECREASE, DIVERGING_CMAP, INCREASE, PALETTE, TEST, TRAIN, class_color, integer_axis, figure_style
 
 FORGET_CMAP = "Reds"  # single-hue: intensity reads the same under colour-vision deficiencies
 
@@ -80,7 +80,7 @@ def difficulty_evolution(run: Run, source: str = "train"):
     f = analysis.forgetting(run, source=source)
     tl = analysis.forgetting_timeline(run, source=source)
     x = d["epoch"].values
-    with style():
+    with figure_style():
         fig, axes = plt.subplots(2, 2, figsize=(9.5, 6.4))
         ax = axes[0, 0]
         q = np.nanquantile(d["difficulty"].values, [0.25, 0.5, 0.75], axis=1)
@@ -117,7 +117,7 @@ def accuracy_evolution(run: Run):
     half = (np.diff(x).min() / 2) if len(x) > 1 else 0.5
     pr, te = 100 * g["probe_accuracy"].values, 100 * g["eval_accuracy"].values
     names = _class_names(run, g["class_id"].values)
-    with style():
+    with figure_style():
         fig, axes = plt.subplots(1, 3, figsize=(11, 3.2), width_ratios=[1, 1.15, 1.1])
         ax = axes[0]
         ax.plot(x, pr, "o-", color=TRAIN, ms=3, label="probe subset (training labels)")
@@ -163,7 +163,7 @@ def data_map(run: Run, source: str = "train", max_points: int = 20000, seed: int
     mis = None
     if run.has("ground_truth", "is_mislabeled"):
         mis = run.ground_truth["is_mislabeled"].values.astype(bool)[m["example"].values]
-    with style():
+    with figure_style():
         fig, ax = plt.subplots(figsize=(5.4, 4.3))
         bins = np.linspace(0, 1, 6)
         cmap = plt.get_cmap("viridis", len(bins) - 1)
@@ -197,7 +197,7 @@ def confidence_evolution(run: Run):
     xlabel = "training step" if source == "probe" else "epoch"
     bins = np.linspace(0, 1, 21)
     dens = np.stack([np.histogram(row[~np.isnan(row)], bins)[0] for row in conf], axis=1)
-    with style():
+    with figure_style():
         fig, axes = plt.subplots(1, 2, figsize=(9.5, 3.3))
         ax = axes[0]
         edges = np.concatenate([[time[0] - 0.5], (time[1:] + time[:-1]) / 2, [time[-1] + 0.5]]) \
@@ -237,7 +237,7 @@ def loss_change_highlight(run: Run, source: str = "train"):
     ch = analysis.example_loss_change(run, source=source)
     tdim = "epoch" if source == "train" else "probe"
     t = ch[tdim].values
-    with style():
+    with figure_style():
         fig, axes = plt.subplots(1, 2, figsize=(9.5, 3.2))
         ax = axes[0]
         ax.bar(t, ch["time_n_learning"], color=DECREASE, label="loss decreased (learning)")

@@ -5,12 +5,12 @@ from __future__ import annotations
 import matplotlib.pyplot as plt
 import numpy as np
 
-from analysis import features as F
-from analysis.correlation import mean_abs
-from analysis.run import Run
+from dynascope.analysis import features as F
+from dynascope.analysis.correlation import mean_abs
+from dynascope.analysis.run import Run
 
 from .registry import register_figure
-from .style import DIVERGING_CMAP, PALETTE, SEQUENTIAL_CMAP, integer_axis, mark_blocks, style
+from .style import DIVERGING_CMAP, PALETTE, SEQUENTIAL_CMAP, integer_axis, mark_blocks, figure_style
 
 NEEDS = ("activations",)
 
@@ -67,7 +67,7 @@ def layer_correlation_grid(run: Run, probe: int = -1, layers=None, max_units: in
     names = F.activation_layers(run, layers)
     order = {a: unit_order(blocks[(a, a)].values) for a in names}
     L = len(names)
-    with style():
+    with figure_style():
         size = max(1.35, min(2.2, 9.0 / L))
         fig, axes = plt.subplots(L, L, figsize=(size * L + 1.0, size * L + 0.4), squeeze=False)
         im = None
@@ -129,7 +129,7 @@ def cka_heatmap(run: Run, probes=None, layers=None, debiased: bool = False, pane
     res = F.layer_cka(run, layers, probes, debiased=debiased)
     names = list(res["layer_a"].values)
     n = len(probes)
-    with style():
+    with figure_style():
         fig, axes = plt.subplots(1, n, figsize=(2.3 * n + 1.2, 2.7), squeeze=False)
         for k, p in enumerate(res["probe"].values):
             ax = axes[0, k]
@@ -153,7 +153,7 @@ def cka_evolution(run: Run, layers=None, debiased: bool = False, pairs: str = "a
     drift = F.representation_drift(run, layers, debiased=debiased)
     x, xlabel = _steps(res)
     names = list(res["layer_a"].values)
-    with style():
+    with figure_style():
         fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(8.6, 2.9))
         chosen = _pairs(len(names), pairs)
         for k, (i, j) in enumerate(chosen):
@@ -179,7 +179,7 @@ def layer_correlation_evolution(run: Run, layers=None, max_units: int = 256, pai
     res = F.layer_correlation(run, layers, max_units=max_units)
     x, xlabel = _steps(res)
     names = list(res["layer_a"].values)
-    with style():
+    with figure_style():
         fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(8.6, 2.9))
         for i, name in enumerate(names):
             ax1.plot(x, res["mean_abs_r"].values[:, i, i], "-o", ms=2.5, color=PALETTE[i % len(PALETTE)],
@@ -211,7 +211,7 @@ def feature_correlation(run: Run, layers=None, probe: int = -1, max_units: int =
     """Unit-unit (feature-feature) correlation within chosen layers (default first and last),
     units ordered by the leading eigenvector of the matrix so that correlated units sit together."""
     names = _chosen(run, layers)
-    with style():
+    with figure_style():
         fig, axes = plt.subplots(1, len(names), figsize=(3.0 * len(names) + 1.0, 3.0), squeeze=False)
         for ax, a in zip(axes[0], names):
             r = F.feature_correlation(run, a, probe, max_units)
@@ -231,7 +231,7 @@ def feature_correlation(run: Run, layers=None, probe: int = -1, max_units: int =
 def sample_correlation(run: Run, layers=None, probe: int = -1, max_examples: int = 120):
     """Example-example correlation of activation vectors within chosen layers, grouped by class."""
     names = _chosen(run, layers)
-    with style():
+    with figure_style():
         fig, axes = plt.subplots(1, len(names), figsize=(3.0 * len(names) + 1.0, 3.1), squeeze=False)
         for ax, a in zip(axes[0], names):
             r = F.sample_correlation(run, a, probe, max_examples)

@@ -5,9 +5,9 @@ from __future__ import annotations
 import matplotlib.pyplot as plt
 import numpy as np
 
-from analysis.run import Run
+from dynascope.analysis.run import Run
 
-from .style import INCREASE, style
+from .style import INCREASE, figure_style
 
 
 def example_images(run: Run, ids) -> np.ndarray | None:
@@ -27,7 +27,7 @@ def montage(images: np.ndarray, captions: list[str], ncols: int = 6, title: str 
     n = len(images)
     ncols = max(1, min(ncols, n))
     nrows = max(1, int(np.ceil(n / ncols)))
-    with style():
+    with figure_style():
         fig, axes = plt.subplots(nrows, ncols, figsize=(1.45 * ncols, 1.75 * nrows + (0.35 if title else 0)),
                                  squeeze=False)
         for k, ax in enumerate(axes.flat):

@@ -10,14 +10,14 @@ import matplotlib.pyplot as plt
 import numpy as np
 from matplotlib.patches import Patch
 
-import analysis
-from analysis.opposing import cosine_histogram, loss_change_outliers
-from analysis.run import Run
+from dynascope import analysis
+from dynascope.analysis.opposing import cosine_histogram, loss_change_outliers
+from dynascope.analysis.run import Run
 
 from .montage import example_images
 from .registry import register_figure
 from .smooth import centred_mean
-from .style import DECREASE, INCREASE, PALETTE, SEQUENTIAL_CMAP, TRAIN, integer_axis, style
+from .style import DECREASE, INCREASE, PALETTE, SEQUENTIAL_CMAP, TRAIN, integer_axis, figure_style
 
 NEEDS = ("probe/grad_proj",)
 OTHER = "0.65"  # neutral grey: "everything else"
@@ -33,7 +33,7 @@ def opposing_pairs_over_time(run: Run, **params):
     """Number of opposing pairs and of examples involved at each probe pass."""
     r = analysis.opposing_pairs(run, **params)
     x = r["step"].values  # probe passes carry the training step they followed
-    with style():
+    with figure_style():
         fig, ax = plt.subplots(figsize=(4.6, 2.8))
         ax.plot(x, r["pair_count"], "o-", ms=3, color=TRAIN, label="opposing pairs")
         ax.plot(x, r["example_count"], "s--", ms=3, color=PALETTE[1], label="examples in a pair")
@@ -53,7 +53,7 @@ def opposing_class_matrix(run: Run, **params):
     m = r["class_pair_count"].values
     names = _names(run, r["class_a"].values)
     n = len(names)
-    with style():
+    with figure_style():
         fig, ax = plt.subplots(figsize=(1.2 + 0.42 * n, 0.9 + 0.38 * n))
         im = ax.imshow(m, cmap=SEQUENTIAL_CMAP, interpolation="nearest")
         ax.grid(False)
@@ -80,7 +80,7 @@ def gradient_cosine_histogram(run: Run, probes=-1, bins: int = 80):
     cos_threshold = analysis.opposing_pairs.params_for(run)["cos_threshold"]
     x = h["cosine"].values
     w = x[1] - x[0]
-    with style():
+    with figure_style():
         fig, ax = plt.subplots(figsize=(4.6, 2.8))
         ax.bar(x, h["cross_class"], width=w, color=PALETTE[0], alpha=0.75, label="different classes")
         ax.bar(x, h["same_class"], width=w, color=PALETTE[1], alpha=0.75, label="same class")
@@ -113,7 +113,7 @@ def loss_change_bars(run: Run, interval: int | None = None, top: int = 15, z: fl
     ids = o["example_id"].values[sel]
     cls = _names(run, o["target"].values[sel])
     s0, s1 = int(o["interval_start"][t]), int(o["interval_end"][t])
-    with style():
+    with figure_style():
         fig, (ax, ax2) = plt.subplots(1, 2, figsize=(8.2, 3.2), gridspec_kw={"width_ratios": [1.5, 1]})
         colors = [INCREASE if v > 0 else DECREASE for v in d[sel]]
         ax.bar(np.arange(len(sel)), d[sel], color=colors)
@@ -155,7 +155,7 @@ def opposing_gradient_norms(run: Run, **params):
     for t, a, b in zip(r["at_probe"].values, r["example_a"].values, r["example_b"].values):
         in_pair[t, pos[int(a)]] = in_pair[t, pos[int(b)]] = True
     fin = np.isfinite(norms) & (norms > 0)
-    with style():
+    with figure_style():
         fig, ax = plt.subplots(figsize=(4.6, 2.8))
         lo = max(norms[fin].min(), np.percentile(norms[fin], 0.5))  # a handful of fitted examples: ~0
         edges = np.logspace(np.log10(lo), np.log10(norms[fin].max()), 50)
@@ -182,7 +182,7 @@ def majority_opposition_figure(run: Run, window: int = 9):
     smooth = centred_mean(frac, window)
     per = r["mean_cosine"].values
     ids = r["example"].values
-    with style():
+    with figure_style():
         fig, (ax, ax2) = plt.subplots(1, 2, figsize=(8.2, 2.9))
         ax.plot(steps, 100 * frac, color=OTHER, lw=0.6, label="per step")
         ax.plot(steps, 100 * smooth, color=TRAIN, lw=1.5, label=f"centred {min(window, len(frac))}-step mean")
@@ -219,7 +219,7 @@ def opposing_group_trajectories(run: Run, max_pairs: int = 2, **params):
     g = _groups(run, params)
     steps = g["step"].values
     npair = min(max_pairs, g.sizes["opposition"])
-    with style():
+    with figure_style():
         fig, axes = plt.subplots(npair + 1, 1, figsize=(5.6, 2.1 * (npair + 1)), sharex=True)
         axes = np.atleast_1d(axes)
         if npair == 0:

@@ -10,12 +10,12 @@ import matplotlib.pyplot as plt
 import numpy as np
 from matplotlib.colors import LinearSegmentedColormap, ListedColormap
 
-import analysis
-from analysis.run import Run
+from dynascope import analysis
+from dynascope.analysis.run import Run
 
 from .registry import register_figure
 from .smooth import centred_mean
-from .style import DECREASE, INCREASE, PALETTE, TRAIN, style
+from .style import DECREASE, INCREASE, PALETTE, TRAIN, figure_style
 
 SIGN_CMAP = LinearSegmentedColormap.from_list("dynascope_sign", [INCREASE, "#FFFFFF", DECREASE])
 SIGN_LEVELS = ListedColormap([INCREASE, "#FFFFFF", DECREASE], name="dynascope_sign_levels")
@@ -56,7 +56,7 @@ def _step_legend(ax):
 @register_figure("zero_gradients", needs=("params/grad_hist",))
 def zero_gradients(run: Run, eps=(0.0, 1e-7, 1e-5, 1e-3)):
     """Share of gradient components below several thresholds (exact zeros included) per step and epoch."""
-    with style():
+    with figure_style():
         fig, ax = plt.subplots(figsize=(5.2, 3.0))
         total = None
         for i, e in enumerate(eps):
@@ -79,7 +79,7 @@ def zero_gradients(run: Run, eps=(0.0, 1e-7, 1e-5, 1e-3)):
 def released_fraction(run: Run, near_zero: float = 1e-5, window: int = 50):
     """Of the near-zero gradients at step t-1, the fraction released (|g| >= threshold) at t."""
     gd = analysis.gradient_dynamics(run, near_zero=near_zero, window=window)
-    with style():
+    with figure_style():
         fig, ax = plt.subplots(figsize=(5.2, 3.0))
         _series(ax, gd, "released_fraction", TRAIN, "released")
         ax.set(ylabel="released fraction", ylim=(0, None),
@@ -92,7 +92,7 @@ def released_fraction(run: Run, near_zero: float = 1e-5, window: int = 50):
 def sign_flip_fraction(run: Run, window: int = 50):
     """Fraction of gradient components whose sign flipped since the previous step."""
     gd = analysis.gradient_dynamics(run, window=window)
-    with style():
+    with figure_style():
         fig, ax = plt.subplots(figsize=(5.2, 3.0))
         _series(ax, gd, "sign_flip_fraction", PALETTE[3], "sign flips")
         ax.set(ylabel="fraction of components", ylim=(0, None),
@@ -106,7 +106,7 @@ def weight_diff_norm(run: Run, window: int = 50, max_params: int = 8):
     """Norm of the weight change between consecutive steps: all parameters and per tensor."""
     gd = analysis.gradient_dynamics(run, window=window)
     x = _fractional_epoch(gd["step_epoch"].values)
-    with style():
+    with figure_style():
         fig, (ax, bx) = plt.subplots(1, 2, figsize=(8.6, 3.0))
         _series(ax, gd, "weight_diff_norm", TRAIN, "‖Δw‖")
         ax.set(ylabel="‖w$_t$ − w$_{t−1}$‖ (L2, all parameters)", yscale="log",
@@ -177,7 +177,7 @@ def gradient_sign_heatmap(run: Run, eps: float = 1e-5, max_columns: int = 1600, 
     img, col_starts, cols = _downsample(signs["sign"].values, starts, max_columns)
     ncol = img.shape[1]
     sizes = np.diff(np.append(starts, signs.sizes["index"]))
-    with style():
+    with figure_style():
         fig, ax = plt.subplots(figsize=(8.0, 3.8))
         im = ax.imshow(img, aspect="auto", cmap=SIGN_CMAP, vmin=-1, vmax=1, interpolation="nearest")
         _rows_axis(ax, signs)
@@ -214,7 +214,7 @@ def gradient_sign_heatmap_zoom(run: Run, eps: float = 1e-5, start: int | None = 
     stop = min(n, start + width)
     img = signs["sign"].values[:, start:stop]
     inside = [str(nm) for s0, s1, nm in zip(starts, np.append(starts[1:], n), names) if s0 < stop and s1 > start]
-    with style():
+    with figure_style():
         fig, ax = plt.subplots(figsize=(8.0, 3.6))
         im = ax.imshow(img, aspect="auto", cmap=SIGN_LEVELS, vmin=-1.5, vmax=1.5, interpolation="nearest",
                        extent=(start - 0.5, stop - 0.5, img.shape[0] - 0.5, -0.5))
@@ -240,7 +240,7 @@ def curvature_classes(run: Run, window: int = 50):
     gd = analysis.gradient_dynamics(run, window=window)
     cls = gd["curvature_class_by_param"].where(gd["curvature_by_param"].notnull())
     per_epoch = cls.assign_coords(step=gd["step_epoch"].values).groupby("step").mean()
-    with style():
+    with figure_style():
         fig, (ax, bx) = plt.subplots(1, 2, figsize=(8.8, 3.2), width_ratios=(1, 1.15))
         _series(ax, gd, "minimum_like_fraction", TRAIN, "minimum-like", ma=False)
         ma = centred_mean(gd["minimum_like_fraction"].values, window)
@@ -281,7 +281,7 @@ def dead_units(run: Run, window: int = 50):
         else:
             groups.append([j])
     quiet = [g for g in groups if not np.nanmax(np.append(frac.isel(param=g[0]).values, 0)) > 0]
-    with style():
+    with figure_style():
         fig, ax = plt.subplots(figsize=(5.6, 3.0))
         for i, grp in enumerate([g for g in groups if g not in quiet][:10]):
             ax.plot(x, 100 * frac.isel(param=grp[0]).values, "-", lw=1.3, color=PALETTE[i % len(PALETTE)],

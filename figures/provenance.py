@@ -55,7 +55,7 @@ def git_commit() -> str | None:
 
 def record(name: str, runs, uses, figure_params: dict | None = None, caption: str = "") -> dict:
     """The provenance of one figure as a JSON-able dict."""
-    from analysis.parameters import json_safe
+    from dynascope.analysis.parameters import json_safe
 
     return {"figure": name, "caption": caption,
             "runs": [{"path": str(r.path), "run_id": run_id(r)} for r in runs],

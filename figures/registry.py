@@ -8,8 +8,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
-from analysis.registry import first_paragraph, run_has_all
-from analysis.run import Run
+from dynascope.analysis.registry import first_paragraph, run_has_all
+from dynascope.analysis.run import Run
 
 
 @dataclass(frozen=True)

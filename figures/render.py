@@ -13,9 +13,9 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from analysis import parameters
-from analysis.registry import ANALYSES
-from analysis.run import Run, open_run
+from dynascope.analysis import parameters
+from dynascope.analysis.registry import ANALYSES
+from dynascope.analysis.run import Run, open_run
 
 from . import provenance
 from .registry import FIGURES, available_figures
@@ -42,7 +42,7 @@ def split_params(per: dict[str, dict]) -> tuple[dict, dict]:
     """--param NAME.KEY=VALUE items -> (analysis overrides, figure parameters). A name may be
     both an analysis and a figure (majority_opposition): each key goes where it is a
     parameter, and to both if both take it. Unknown names or keys are errors."""
-    from analysis.registry import defaults, open_ended
+    from dynascope.analysis.registry import defaults, open_ended
 
     ana, fig = {}, {}
     for name, kv in per.items():

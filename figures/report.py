@@ -18,8 +18,8 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-import analysis
-from analysis.run import Run, open_run
+from dynascope import analysis
+from dynascope.analysis.run import Run, open_run
 
 from .montage import example_images, montage
 from .registry import FIGURES, available_figures
@@ -158,9 +158,9 @@ def _text_table(header, rows) -> str:
 # section id -> title; figures go to the section of their module unless listed in FIGURE_SECTION
 SECTIONS = {"run": "Run", "training": "Training", "opposing": "Opposing signals",
             "dynamics": "Example dynamics", "features": "Features", "optimisation": "Optimisation"}
-MODULE_SECTION = {"figures.curves": "training", "figures.dynamics": "dynamics", "figures.opposing": "opposing",
-                  "figures.features": "features", "figures.augmentation": "features",
-                  "figures.optimization": "optimisation", "figures.animations": "dynamics"}
+MODULE_SECTION = {"dynascope.figures.curves": "training", "dynascope.figures.dynamics": "dynamics", "dynascope.figures.opposing": "opposing",
+                  "dynascope.figures.features": "features", "dynascope.figures.augmentation": "features",
+                  "dynascope.figures.optimization": "optimisation", "dynascope.figures.animations": "dynamics"}
 FIGURE_SECTION = {"accuracy_evolution": "training", "training_animation": "training"}
 # findings (registered one-line summaries) shown at the top of each section
 FINDINGS = {"training": ("generalisation_gap",), "opposing": ("opposing_pairs", "opposing_groups",
@@ -216,7 +216,7 @@ def _scores(run: Run) -> tuple[list[list[str]] | None, list[list[str]] | None]:
         d = analysis.mislabel_detection(run)
         det = [[str(s), _fmt(float(v))] for s, v in zip(d["score"].values, d["auroc"].values)]
     if analysis.ANALYSES["opposing_detection"].available(run):
-        from analysis.scoring import score_opposing_groups
+        from dynascope.analysis.scoring import score_opposing_groups
 
         r = score_opposing_groups(run, analysis.opposing_groups(run))
         grp = [["precision", _fmt(float(r["precision"]))], ["recall", _fmt(float(r["recall"]))],
@@ -238,7 +238,7 @@ def write_report(run_path, out_dir, *, figures=None, animations: bool = True, fp
     """Render the report of the run at `run_path` into `out_dir`; returns the report.html path.
     figures: names to include (default: every figure the run has data for); params:
     {analysis or figure: {key: value}} as for `dynascope figures --param`."""
-    from analysis import parameters as P
+    from dynascope.analysis import parameters as P
 
     from .render import split_params
 

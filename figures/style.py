@@ -97,7 +97,7 @@ class Look:
 
 @contextmanager
 def looking(look: Look):
-    """Draw the figures created inside the block in `look` (figure functions call style())."""
+    """Draw the figures created inside the block in `look` (figure functions call figure_style())."""
     token = dict(_LOOK)
     _LOOK.clear()
     _LOOK["look"] = look
@@ -114,7 +114,7 @@ def current_look() -> Look:
 
 
 @contextmanager
-def style():
+def figure_style():
     """Apply the dynascope style (the current Look's) for the figures created inside the block."""
     with plt.rc_context(current_look().rc()):
         yield

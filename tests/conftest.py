@@ -19,7 +19,7 @@ def _few_threads():
 @pytest.fixture(scope="session")
 def tiny_run(tmp_path_factory):
     """A 3-epoch `planted` run (256 train / 128 test examples) with probes and eval passes."""
-    from recorder.driver import TrainConfig, record_run
+    from dynascope.recorder.driver import TrainConfig, record_run
 
     out = tmp_path_factory.mktemp("runs") / "tiny.zarr"
     cfg = TrainConfig(dataset="planted", model="cnn", epochs=3, out=str(out), batch_size=50,
@@ -31,7 +31,7 @@ def tiny_run(tmp_path_factory):
 def planted_noisy_run(tmp_path_factory):
     """A 12-epoch `planted` run (500 train examples, 10% flipped labels, ground truth and
     thumbnails recorded): long enough for mislabel-detection scores (~6-10 s on 1 CPU)."""
-    from recorder.driver import TrainConfig, record_run
+    from dynascope.recorder.driver import TrainConfig, record_run
 
     out = tmp_path_factory.mktemp("runs") / "planted_noisy.zarr"
     cfg = TrainConfig(dataset="planted", model="cnn", epochs=12, out=str(out), batch_size=50,
@@ -45,7 +45,7 @@ def opposing_runs(tmp_path_factory):
     """Two `planted` runs with exact gradient norms, the in-batch Gram and 256-d sketches at a probe pass
     every 4 steps (5 epochs, 1000 train examples): one with the planted opposing signal
     (10% of examples, classes 0 and 1), one control without it (planted_fraction=0)."""
-    from recorder.driver import TrainConfig, record_run
+    from dynascope.recorder.driver import TrainConfig, record_run
 
     base = tmp_path_factory.mktemp("opposing")
     runs = {}

@@ -15,7 +15,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from recorder import IndexedDataset, Recorder  # noqa: E402
+from dynascope.recorder import IndexedDataset, Recorder  # noqa: E402
 
 N, EPOCHS, BATCH = 24, 3, 4
 

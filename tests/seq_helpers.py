@@ -8,8 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch.func import functional_call, grad, vmap
 
-from recorder.extensions import BatchContext
-from recorder.gradients import GradientExtension, sketch_reference
+from dynascope.recorder.extensions import BatchContext
+from dynascope.recorder.gradients import GradientExtension, sketch_reference
 
 
 def token_loss(logits, y):

@@ -11,12 +11,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 import xarray as xr
 
-import analysis
-from analysis import blockwise
-from analysis.difficulty import _at_step, _mean_std
-from analysis.forgetting import _correct_sequences, _first_min, forgetting_counts
-from analysis.sequences import gather, per_example, time_table
-from recorder import Recorder
+from dynascope import analysis
+from dynascope.analysis import blockwise
+from dynascope.analysis.difficulty import _at_step, _mean_std
+from dynascope.analysis.forgetting import _correct_sequences, _first_min, forgetting_counts
+from dynascope.analysis.sequences import gather, per_example, time_table
+from dynascope.recorder import Recorder
 
 
 # -- the gathered implementations (the code the streamed passes replaced) -------------------

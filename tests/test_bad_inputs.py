@@ -13,11 +13,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 from click.testing import CliRunner
 
-import analysis
-from analysis.run import RunError
-from recorder import Recorder
-from recorder.lock import StoreLockedError
-from recorder.resume import ResumeError
+from dynascope import analysis
+from dynascope.analysis.run import RunError
+from dynascope.recorder import Recorder
+from dynascope.recorder.lock import StoreLockedError
+from dynascope.recorder.resume import ResumeError
 
 X, Y = torch.randn(40, 4), torch.arange(40) % 3
 
@@ -277,7 +277,7 @@ def test_a_live_run_is_never_overwritten(tmp_path):
 
 # -- inputs that are kept, counted and reported -------------------------------------------------
 def test_nan_losses_and_logits_are_counted_and_never_averaged_as_zero(tmp_path):
-    from analysis import epoch_curves
+    from dynascope.analysis import epoch_curves
     from dynascope.analyze import summary_lines
     from dynascope.describe import describe_run, format_description
 
@@ -308,7 +308,7 @@ def test_nan_losses_and_logits_are_counted_and_never_averaged_as_zero(tmp_path):
 
 
 def test_a_deleted_chunk_is_reported_not_read_as_zero(tmp_path):
-    from analysis import epoch_curves
+    from dynascope.analysis import epoch_curves
     from dynascope.describe import describe_run, format_description
 
     path = tmp_path / "hole.zarr"
@@ -328,7 +328,7 @@ def test_a_deleted_chunk_is_reported_not_read_as_zero(tmp_path):
 
 
 def test_layer_cka_is_nan_for_nan_activations_like_cka():
-    from analysis.cka import cka, cka_matrix
+    from dynascope.analysis.cka import cka, cka_matrix
 
     rng = np.random.default_rng(0)
     A, B = rng.normal(size=(30, 5)), rng.normal(size=(30, 4))

@@ -4,7 +4,7 @@ import dask.array as da
 import numpy as np
 import pytest
 
-from analysis.cka import center_gram, cka, cka_matrix, gram, minibatch_cka
+from dynascope.analysis.cka import center_gram, cka, cka_matrix, gram, minibatch_cka
 
 
 def hsic0(K, L):

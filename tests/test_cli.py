@@ -5,7 +5,7 @@ import shutil
 
 from click.testing import CliRunner
 
-import analysis
+from dynascope import analysis
 from dynascope.cli import main
 
 

@@ -8,7 +8,7 @@ from click.testing import CliRunner
 
 distributed = pytest.importorskip("distributed", reason="the [cluster] extra (distributed) is not installed")
 
-from analysis.cluster import SchedulerError  # noqa: E402
+from dynascope.analysis.cluster import SchedulerError  # noqa: E402
 from dynascope.analyze import run_analyses  # noqa: E402
 from dynascope.cli import main  # noqa: E402
 

@@ -7,17 +7,17 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image
 
-import analysis
+from dynascope import analysis
 from dynascope.cli import main
-from figures.batch import load_spec, render_runs
-from figures.compare import compare_training_curves, conditions
-from figures.provenance import read_png
+from dynascope.figures.batch import load_spec, render_runs
+from dynascope.figures.compare import compare_training_curves, conditions
+from dynascope.figures.provenance import read_png
 
 
 @pytest.fixture(scope="module")
 def three_runs(tmp_path_factory):
     """Two seeds of one configuration and one run with another learning rate (2 epochs each)."""
-    from recorder.driver import TrainConfig, record_run
+    from dynascope.recorder.driver import TrainConfig, record_run
 
     base = tmp_path_factory.mktemp("compare")
     out = []

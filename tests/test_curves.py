@@ -4,9 +4,7 @@ from __future__ import annotations
 import numpy as np
 import xarray as xr
 
-import analysis
-
-
+from dynascope import analysis
 def _raw(path):
     t = xr.open_zarr(path, group="train").load()
     return t.example_id.values, t.target.values, t.loss.values, t.logits.values, t.epoch.values

@@ -9,13 +9,13 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from recorder.datasets import (
+from dynascope.recorder.datasets import (
     DATASETS,
     DatasetUnavailableError,
     load_dataset,
     register_dataset,
 )
-from recorder.indexed import IndexedDataset
+from dynascope.recorder.indexed import IndexedDataset
 
 torch.set_num_threads(1)
 

@@ -12,8 +12,7 @@ import numpy as np
 import pytest
 import torch.distributed
 
-import analysis
-
+from dynascope import analysis
 WORKER = Path(__file__).with_name("ddp_worker.py")
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed unavailable")
 

@@ -3,7 +3,7 @@ formulas and hand-computed values on small synthetic stores."""
 import numpy as np
 import pytest
 
-from analysis import (aum, cartography, difficulty, el2n, example_loss_change, grand,
+from dynascope.analysis import (aum, cartography, difficulty, el2n, example_loss_change, grand,
                       open_run)
 from helpers_dynamics import write_run
 

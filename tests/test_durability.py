@@ -16,12 +16,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 import xarray as xr
 
-import analysis
-from recorder import Recorder
+from dynascope import analysis
+from dynascope.recorder import Recorder
 
 SCRIPT = textwrap.dedent("""
     import sys, time, torch, torch.nn as nn, torch.nn.functional as F
-    from recorder import Recorder
+    from dynascope.recorder import Recorder
     torch.set_num_threads(1)
     model = nn.Linear(4, 3)
     X, Y = torch.randn(64, 4), torch.arange(64) % 3
@@ -71,7 +71,7 @@ def test_sigkill_mid_run_leaves_a_readable_store(tmp_path):
 # -- signals ---------------------------------------------------------------------------
 LOOP = textwrap.dedent("""
     import sys, time, torch, torch.nn as nn, torch.nn.functional as F
-    from recorder import Recorder
+    from dynascope.recorder import Recorder
     torch.set_num_threads(1)
     model = nn.Linear(4, 3)
     X, Y = torch.randn(64, 4), torch.arange(64) % 3
@@ -243,7 +243,7 @@ def test_arrays_of_unequal_length_open_and_resume(tmp_path, damage):
 
 READER_LOOP = textwrap.dedent("""
     import sys, time, torch, torch.nn as nn, torch.nn.functional as F
-    from recorder import Recorder
+    from dynascope.recorder import Recorder
     torch.set_num_threads(1)
     model = nn.Linear(4, 3)
     X, Y = torch.randn(400, 4), torch.arange(400) % 3
@@ -296,7 +296,7 @@ def test_a_reader_polling_a_live_run_never_sees_an_error(tmp_path):
 def test_a_live_run_cannot_be_overwritten_or_resumed_by_another_writer(tmp_path):
     import socket
 
-    from recorder.lock import StoreLockedError
+    from dynascope.recorder.lock import StoreLockedError
 
     proc, path, steps = _start_loop(tmp_path)
     try:
@@ -320,7 +320,7 @@ def test_a_live_run_cannot_be_overwritten_or_resumed_by_another_writer(tmp_path)
 def test_a_stale_lock_is_taken_over_and_a_foreign_one_refused(tmp_path):
     import json as _json
 
-    from recorder.lock import StoreLockedError, lock_path
+    from dynascope.recorder.lock import StoreLockedError, lock_path
 
     path = tmp_path / "r.zarr"
     _small_run(path, close=False)                 # killed: status recording, lock gone below
@@ -347,7 +347,7 @@ def test_a_killed_run_with_a_huge_planned_length_stays_small(tmp_path):
     script = textwrap.dedent("""
         import sys, torch
         torch.set_num_threads(1)
-        from recorder.driver import TrainConfig, record_run
+        from dynascope.recorder.driver import TrainConfig, record_run
         record_run(TrainConfig(dataset="planted", epochs=100_000_000, out=sys.argv[1], train_size=64,
                                test_size=32, probe_size=16, batch_size=16, chunk_steps=4, device="cpu"),
                    progress=False)

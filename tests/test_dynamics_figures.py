@@ -4,11 +4,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import analysis
-from analysis import open_run
-from figures import FIGURES, render_figure
-from figures.animations import sample_frames
-from figures.report import key_numbers, write_report
+from dynascope import analysis
+from dynascope.analysis import open_run
+from dynascope.figures import FIGURES, render_figure
+from dynascope.figures.animations import sample_frames
+from dynascope.figures.report import key_numbers, write_report
 from helpers_dynamics import learning_run
 
 MINE = ["difficulty_evolution", "accuracy_evolution", "data_map", "confidence_evolution",

@@ -5,9 +5,9 @@ import numpy as np
 import pytest
 import zarr
 
-from analysis import features as F
-from analysis.augmentation import augmentation_invariance, view_correlation
-from analysis.run import open_run
+from dynascope.analysis import features as F
+from dynascope.analysis.augmentation import augmentation_invariance, view_correlation
+from dynascope.analysis.run import open_run
 
 
 def _arr(g, name, data, dims):

@@ -3,7 +3,7 @@ import dask.array as da
 import numpy as np
 import pytest
 
-from analysis.correlation import live_units, mean_abs, pearson
+from dynascope.analysis.correlation import live_units, mean_abs, pearson
 
 
 def test_equals_corrcoef_across_chunks():

@@ -2,8 +2,8 @@
 import numpy as np
 import pytest
 
-from figures.registry import FIGURES
-from figures.render import render_figure
+from dynascope.figures.registry import FIGURES
+from dynascope.figures.render import render_figure
 
 from test_features_analysis import make_run
 
@@ -28,7 +28,7 @@ def run(tmp_path_factory):
     m = g.create_array("montage", shape=(5, 1, 6, 6), dtype="float32", dimension_names=["view", "channel", "y", "x"])
     m[...] = rng.normal(size=(5, 1, 6, 6))
     m.attrs["sample_id"] = 100
-    from analysis.run import open_run
+    from dynascope.analysis.run import open_run
 
     return open_run(r.path)
 

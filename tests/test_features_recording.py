@@ -6,12 +6,12 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Subset, TensorDataset
 
-from analysis.run import open_run
-from recorder import Recorder
-from recorder.activations import ActivationExtension, pool_output, select_layers, unit_subset
-from recorder.augment import record_augmentation_variance
-from recorder.indexed import IndexedDataset
-from recorder.models import build_model
+from dynascope.analysis.run import open_run
+from dynascope.recorder import Recorder
+from dynascope.recorder.activations import ActivationExtension, pool_output, select_layers, unit_subset
+from dynascope.recorder.augment import record_augmentation_variance
+from dynascope.recorder.indexed import IndexedDataset
+from dynascope.recorder.models import build_model
 
 
 def tiny(seed=0):

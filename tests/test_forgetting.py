@@ -2,8 +2,8 @@
 import numpy as np
 import pytest
 
-from analysis import forgetting, forgetting_timeline, open_run
-from analysis.forgetting import forgetting_counts
+from dynascope.analysis import forgetting, forgetting_timeline, open_run
+from dynascope.analysis.forgetting import forgetting_counts
 from helpers_dynamics import logits_for, sequences_run, write_run
 
 SEQS = {0: [1, 0, 1, 1, 0], 1: [0, 0, 1, 1, 1], 2: [0, 0, 0], 3: [1, 1, 1, 1], 4: [0, 1, 0, 1, 0, 1]}

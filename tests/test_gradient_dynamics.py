@@ -5,9 +5,9 @@ import numpy as np
 import pytest
 import torch
 
-from analysis import open_run
-from analysis.gradient_dynamics import gradient_dynamics, gradient_signs
-from recorder import Recorder
+from dynascope.analysis import open_run
+from dynascope.analysis.gradient_dynamics import gradient_dynamics, gradient_signs
+from dynascope.recorder import Recorder
 
 torch.set_num_threads(1)
 
@@ -162,7 +162,7 @@ def test_threshold_off_the_edges_is_refused_or_snapped(tmp_path):
 
 
 def test_explicit_extension_wins_over_the_default_one(tmp_path):
-    from recorder.params import ParamStatsExtension
+    from dynascope.recorder.params import ParamStatsExtension
 
     model = Coords(w=1.0)
     opt = torch.optim.SGD(model.parameters(), lr=0.25)

@@ -8,10 +8,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-import recorder.gradients.fused as fused_mod
+import dynascope.recorder.gradients.fused as fused_mod
 from gradients_helpers import ce, record, reference, rel_err
-from recorder.extensions import BatchContext
-from recorder.gradients import GradientExtension
+from dynascope.recorder.extensions import BatchContext
+from dynascope.recorder.gradients import GradientExtension
 
 torch.set_num_threads(1)
 

@@ -8,8 +8,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from recorder.gradients import GradientExtension
-from recorder.gradients.rules import HFConv1DRule, find_rule
+from dynascope.recorder.gradients import GradientExtension
+from dynascope.recorder.gradients.rules import HFConv1DRule, find_rule
 from seq_helpers import check
 
 torch.set_num_threads(1)

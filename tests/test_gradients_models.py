@@ -3,8 +3,8 @@ import pytest
 import torch
 
 from gradients_helpers import check, record
-from recorder.gradients import GradientExtension
-from recorder.models import build_model
+from dynascope.recorder.gradients import GradientExtension
+from dynascope.recorder.models import build_model
 
 torch.set_num_threads(1)
 

@@ -9,7 +9,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.utils import parametrizations
 
-from recorder.gradients import GradientExtension, checks
+from dynascope.recorder.gradients import GradientExtension, checks
 from seq_helpers import per_example, reference, rel, run, token_loss
 
 torch.set_num_threads(1)
@@ -77,7 +77,7 @@ def test_explicit_l2_penalty_is_not_a_use_outside_the_module():
     torch.manual_seed(1)
     m = Functional("plain")
     ext = GradientExtension().attach_model(m)
-    from recorder.extensions import BatchContext
+    from dynascope.recorder.extensions import BatchContext
     x, y = data()
     b = BatchContext("train", torch.arange(4))
     with warnings.catch_warnings():
@@ -96,7 +96,7 @@ def test_check_every_catches_a_use_that_starts_later():
     torch.manual_seed(2)
     m = Functional("plain")
     ext = GradientExtension(check_every=1).attach_model(m)
-    from recorder.extensions import BatchContext
+    from dynascope.recorder.extensions import BatchContext
     for step in range(2):
         m.mode = "plain" if step == 0 else "head"
         b = BatchContext("train", torch.arange(4), step_index=step)

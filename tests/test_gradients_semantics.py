@@ -7,9 +7,9 @@ import torch
 import torch.nn as nn
 
 from gradients_helpers import ce, check, record, reference, rel_err
-from recorder.extensions import EXTENSIONS
-from recorder.gradients import GradientExtension, hashes, layer_hashes, sketch_reference
-from recorder.gradients.factors import Dense, Factored
+from dynascope.recorder.extensions import EXTENSIONS
+from dynascope.recorder.gradients import GradientExtension, hashes, layer_hashes, sketch_reference
+from dynascope.recorder.gradients.factors import Dense, Factored
 
 torch.set_num_threads(1)
 
@@ -149,7 +149,7 @@ def test_end_batch_dtypes_and_no_capture_outside_batches():
     ext = GradientExtension(projection_dim=24).attach_model(m)
     m(x).sum().backward()  # user's own forward outside a recorded batch: ignored
     assert all(not l.calls for l in ext.layers)
-    from recorder.extensions import BatchContext
+    from dynascope.recorder.extensions import BatchContext
     b = BatchContext("train", torch.arange(6))
     ext.begin_batch(b)
     b.losses = ce(m(x), y)
@@ -172,7 +172,7 @@ def test_sketch_is_unbiased():
     """Mean over seeds of <S G1, S G2> (TensorSketch from the factors, and a CountSketch of
     a vector) estimates <G1, G2> and ||G||^2; checked against the sample's own standard
     error (4 sigma)."""
-    from recorder.gradients.sketch import count_sketch, sketch_calls
+    from dynascope.recorder.gradients.sketch import count_sketch, sketch_calls
     torch.manual_seed(6)
     out, inn, T, K = 12, 20, 3, 16
     U, V = torch.randn(2, T, out), torch.randn(2, T, inn)
@@ -196,7 +196,7 @@ def test_sketch_is_unbiased():
 
 def test_example_chunking_gives_the_same_norms(monkeypatch):
     """Large layers are processed in example chunks (bounded memory); force tiny chunks."""
-    import recorder.gradients.factors as factors
+    import dynascope.recorder.gradients.factors as factors
     monkeypatch.setattr(factors, "CHUNK_ELEMS", 50)
     torch.manual_seed(7)
     m = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 36, 3))
@@ -220,7 +220,7 @@ def test_cuda_matches_cpu():
 def test_no_backward_gives_nan_with_a_warning():
     m, (x, y) = mlp(), data()
     ext = GradientExtension(projection_dim=24).attach_model(m)
-    from recorder.extensions import BatchContext
+    from dynascope.recorder.extensions import BatchContext
     b = BatchContext("train", torch.arange(6))
     ext.begin_batch(b)
     b.losses = ce(m(x), y)

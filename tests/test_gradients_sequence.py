@@ -6,8 +6,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from recorder.extensions import BatchContext
-from recorder.gradients import GradientExtension
+from dynascope.recorder.extensions import BatchContext
+from dynascope.recorder.gradients import GradientExtension
 from seq_helpers import check, rel, token_loss
 
 torch.set_num_threads(1)
@@ -242,8 +242,8 @@ def test_gru_classifier_through_the_recorder(tmp_path):
     Recorder, train and probe passes; probe values exact (eval mode, losses summed)."""
     import numpy as np
 
-    import analysis
-    from recorder import Recorder
+    from dynascope import analysis
+    from dynascope.recorder import Recorder
     torch.manual_seed(10)
     m = RNNLM(nn.GRU, classify=True, batch_first=True)
     X, Y = torch.randint(0, 13, (8, 5)), torch.randint(0, 3, (8,))

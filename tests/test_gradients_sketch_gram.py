@@ -8,12 +8,12 @@ import pytest
 import torch
 import torch.nn as nn
 
-import recorder.gradients.gram as gram_mod
-import recorder.gradients.signals as signals_mod
+import dynascope.recorder.gradients.gram as gram_mod
+import dynascope.recorder.gradients.signals as signals_mod
 from gradients_helpers import check, gram_rel_err, per_example_grads, record, rel_err
-from recorder.gradients import GradientExtension, gaussian_matrix, layer_hashes
-from recorder.gradients.factors import Dense, Factored, OneHot
-from recorder.gradients.signals import layer_signals
+from dynascope.recorder.gradients import GradientExtension, gaussian_matrix, layer_hashes
+from dynascope.recorder.gradients.factors import Dense, Factored, OneHot
+from dynascope.recorder.gradients.signals import layer_signals
 
 torch.set_num_threads(1)
 

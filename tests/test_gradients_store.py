@@ -4,10 +4,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-import analysis
+from dynascope import analysis
 from gradients_helpers import gram_rel_err, reference, rel_err
-from recorder import Recorder
-from recorder.models import build_model
+from dynascope.recorder import Recorder
+from dynascope.recorder.models import build_model
 
 
 def test_recorded_store_holds_gradient_signals(tmp_path):
@@ -89,10 +89,10 @@ def test_tiny_gradients_keep_their_direction_in_the_store(tmp_path):
 def test_grad_gram_flag_reaches_the_recorder():
     """`dynascope record --grad-gram` -> TrainConfig.grad_gram -> Recorder(grad_gram=True)."""
     from dynascope.cli import record as record_cmd
-    from recorder.driver import TrainConfig, _extension_options
+    from dynascope.recorder.driver import TrainConfig, _extension_options
 
     assert any(p.name == "grad_gram" for p in record_cmd.params)
     opts = _extension_options(TrainConfig(grad_gram=True))
     assert opts["grad_gram"] is True
-    from recorder.extension_options import ENABLING, KEYWORDS
+    from dynascope.recorder.extension_options import ENABLING, KEYWORDS
     assert "grad_gram" in ENABLING["gradients"] and KEYWORDS["grad_gram"][2] == "gram"

@@ -14,9 +14,9 @@ from torch.utils.data import Dataset, Subset
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("accelerate")
 
-import analysis  # noqa: E402
-from recorder import IndexedDataset  # noqa: E402
-from recorder.integrations.huggingface import DynascopeTrainer  # noqa: E402
+from dynascope import analysis  # noqa: E402
+from dynascope.recorder import IndexedDataset  # noqa: E402
+from dynascope.recorder.integrations.huggingface import DynascopeTrainer  # noqa: E402
 
 V, T = 50, 8
 

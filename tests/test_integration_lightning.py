@@ -14,9 +14,9 @@ from torch.utils.data import DataLoader, Subset, TensorDataset
 
 pl = pytest.importorskip("pytorch_lightning")
 
-import analysis  # noqa: E402
-from recorder import IndexedDataset  # noqa: E402
-from recorder.integrations.lightning import DynascopeCallback  # noqa: E402
+from dynascope import analysis  # noqa: E402
+from dynascope.recorder import IndexedDataset  # noqa: E402
+from dynascope.recorder.integrations.lightning import DynascopeCallback  # noqa: E402
 
 
 # --- the README's example (keep in sync) ----------------------------------------------

@@ -10,10 +10,10 @@ import torch.nn.functional as F
 from click.testing import CliRunner
 from torch.utils.data import DataLoader, Subset, TensorDataset, default_collate, random_split
 
-import analysis
+from dynascope import analysis
 from dynascope.cli import main
-from recorder import IndexedDataset, Recorder
-from recorder.activations import ActivationExtension
+from dynascope.recorder import IndexedDataset, Recorder
+from dynascope.recorder.activations import ActivationExtension
 
 
 def _base(n=20):

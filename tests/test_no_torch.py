@@ -14,7 +14,7 @@ SCRIPT = textwrap.dedent("""
             if name == "torch" or name.startswith("torch."):
                 raise ImportError("torch is not installed on this machine (test)")
     sys.meta_path.insert(0, _NoTorch())
-    import analysis, figures
+    from dynascope import analysis, figures
     from dynascope import cli, analyze, describe
     run = analysis.open_run(sys.argv[1])
     results = analyze.run_analyses(sys.argv[1], echo=lambda *_: None)

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import zarr
 
-import analysis
-from figures import FIGURES, available_figures
-from figures.render import render_figure
+from dynascope import analysis
+from dynascope.figures import FIGURES, available_figures
+from dynascope.figures.render import render_figure
 from opposing_synth import write_synthetic_run
 
 NAMES = ["opposing_pairs_over_time", "opposing_class_matrix", "gradient_cosine_histogram",

@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 import zarr
 
-import analysis
-from analysis.opposing.pairs import margin_threshold
+from dynascope import analysis
+from dynascope.analysis.opposing.pairs import margin_threshold
 from opposing_synth import write_synthetic_run
 
 

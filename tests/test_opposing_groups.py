@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-import analysis
-from analysis.opposing import extreme_movers, robust_z
-from analysis.opposing.clustering import average_linkage
+from dynascope import analysis
+from dynascope.analysis.opposing import extreme_movers, robust_z
+from dynascope.analysis.opposing.clustering import average_linkage
 from opposing_synth import write_synthetic_run
 
 
@@ -84,7 +84,7 @@ def test_thresholds_are_parameters_not_baked_in(runs):
 
 
 def test_weighted_opposition_counts_only_oscillating_intervals():
-    from analysis.opposing.groups import weighted_opposition
+    from dynascope.analysis.opposing.groups import weighted_opposition
 
     cos_t = np.array([0.5, 0.5, -1.0, 0.5, 0.9])   # per probe; the last has no interval after it
     ones = np.ones(5)

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import zarr
 
-import analysis
-from analysis.run import RunError
+from dynascope import analysis
+from dynascope.analysis.run import RunError
 from opposing_brute import brute_pairs
 from opposing_synth import write_synthetic_run
 
@@ -108,7 +108,7 @@ def test_majority_opposition_probe_finds_planted(synth):
 
 
 def test_loo_cosine_hand_example():
-    from analysis.opposing import loo_cosine
+    from dynascope.analysis.opposing import loo_cosine
 
     G = np.array([[[1.0, 0.0], [1.0, 0.0], [-1.0, 0.0], [5.0, 5.0]]])
     valid = np.array([[True, True, True, False]])

@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-import analysis
-from figures.render import render_figure
+from dynascope import analysis
+from dynascope.figures.render import render_figure
 
 
 @pytest.fixture(scope="module")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from analysis.opposing.topk import most_negative_pairs, within_batch_pairs
+from dynascope.analysis.opposing.topk import most_negative_pairs, within_batch_pairs
 from opposing_brute import brute_pairs
 
 

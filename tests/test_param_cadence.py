@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 import torch
 
-from analysis import open_run
-from analysis.gradient_dynamics import gradient_dynamics
-from recorder import Recorder
-from recorder.params import ParamStats, hist_edges
+from dynascope.analysis import open_run
+from dynascope.analysis.gradient_dynamics import gradient_dynamics
+from dynascope.recorder import Recorder
+from dynascope.recorder.params import ParamStats, hist_edges
 
 torch.set_num_threads(1)
 

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from recorder.params import ParamStats, bin_bounds, hist_edges
+from dynascope.recorder.params import ParamStats, bin_bounds, hist_edges
 
 torch.set_num_threads(1)
 

@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 import torch
 
-from analysis import open_run
-from figures import FIGURES
-from figures.optimization import _downsample, fmt_threshold
-from recorder import Recorder
+from dynascope.analysis import open_run
+from dynascope.figures import FIGURES
+from dynascope.figures.optimization import _downsample, fmt_threshold
+from dynascope.recorder import Recorder
 
 torch.set_num_threads(1)
 NAMES = ["zero_gradients", "released_fraction", "sign_flip_fraction", "weight_diff_norm",

@@ -1,8 +1,8 @@
 """Example-dynamics scores find the flipped labels of a real recorded `planted` run."""
 import numpy as np
 
-from analysis import aum, cartography, forgetting, mislabel_detection, open_run
-from analysis.scoring import auroc
+from dynascope.analysis import aum, cartography, forgetting, mislabel_detection, open_run
+from dynascope.analysis.scoring import auroc
 
 
 def test_mislabel_auroc(planted_noisy_run):

@@ -10,13 +10,13 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image
 
-import analysis
-import figures
-from analysis import parameters
-from analysis.registry import first_paragraph
+from dynascope import analysis
+from dynascope import figures
+from dynascope.analysis import parameters
+from dynascope.analysis.registry import first_paragraph
 from dynascope.cli import main
-from figures.compare import COMPARISONS
-from figures.provenance import read_png
+from dynascope.figures.compare import COMPARISONS
+from dynascope.figures.provenance import read_png
 
 
 @pytest.fixture(scope="module")
@@ -102,10 +102,10 @@ def test_provenance_in_png_pdf_and_svg(tiny_run, tmp_path):
 def test_type42_in_postscript_too():
     import matplotlib
 
-    from figures.style import RC
+    from dynascope.figures.style import RC
 
     assert RC["pdf.fonttype"] == 42 and RC["ps.fonttype"] == 42
-    with figures.style():
+    with figures.figure_style():
         assert matplotlib.rcParams["ps.fonttype"] == 42
 
 
@@ -142,7 +142,7 @@ def test_unknown_names_suggest_close_matches(tiny_run, tmp_path):
 
 
 def test_a_failed_figure_exits_nonzero_and_keeps_the_others(tiny_run, tmp_path, monkeypatch):
-    from figures.registry import FIGURES, FigureEntry
+    from dynascope.figures.registry import FIGURES, FigureEntry
 
     def boom(run):
         """Always fails."""
@@ -166,7 +166,7 @@ def test_summary_names_the_forgetting_convention(tiny_run):
 
 
 def test_majority_opposition_on_a_run_shorter_than_its_window(tmp_path):
-    from recorder.driver import TrainConfig, record_run
+    from dynascope.recorder.driver import TrainConfig, record_run
 
     path = record_run(TrainConfig(dataset="planted", model="cnn", epochs=1, out=str(tmp_path / "short.zarr"),
                                   batch_size=64, probe_size=32, train_size=192, test_size=32, chunk_steps=4,
@@ -184,8 +184,8 @@ def test_majority_opposition_on_a_run_shorter_than_its_window(tmp_path):
 def test_centred_smoothing_keeps_the_peak_in_place():
     import xarray as xr
 
-    from analysis.gradient_dynamics import _rolling_mean
-    from figures.smooth import centred_mean
+    from dynascope.analysis.gradient_dynamics import _rolling_mean
+    from dynascope.figures.smooth import centred_mean
 
     x = np.exp(-0.5 * ((np.arange(200) - 60) / 8.0) ** 2)          # a peak at step 60
     for smooth in (centred_mean(x, 50), _rolling_mean(xr.DataArray(x, dims="step"), 50).values):

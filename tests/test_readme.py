@@ -26,7 +26,7 @@ def test_readme_python_snippets_run_as_written(tmp_path):
         r = subprocess.run([sys.executable, "-c", block], cwd=tmp_path, env=env, capture_output=True,
                            text=True, timeout=300)
         assert r.returncode == 0, r.stderr[-2000:]
-    from figures.provenance import read_png
+    from dynascope.figures.provenance import read_png
 
     prov = read_png(tmp_path / "figs" / "opposing_pairs_over_time.png")
     assert prov["analyses"][0]["params"]["cos_threshold"] == -0.7 and prov["analyses"][0]["source"] == "saved"

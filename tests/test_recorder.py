@@ -8,8 +8,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 import xarray as xr
 
-import analysis
-from recorder import Recorder
+from dynascope import analysis
+from dynascope.recorder import Recorder
 
 
 def _train(path, steps_batches, *, num_classes=3, num_examples=40, chunk_steps=2, fail_at=None, **kw):

@@ -8,9 +8,9 @@ import subprocess
 
 import pytest
 
-import analysis
-from analysis.scoring import score_opposing_groups
-from figures.report import SECTIONS, write_report
+from dynascope import analysis
+from dynascope.analysis.scoring import score_opposing_groups
+from dynascope.figures.report import SECTIONS, write_report
 
 FIGS = ["training_curves", "accuracy_evolution", "opposing_pairs_over_time", "opposing_examples_montage",
         "data_map"]
@@ -51,8 +51,7 @@ def test_ground_truth_scores_match_an_independent_count(report):
 
 
 def test_captions_are_whole_in_the_report(report):
-    import figures
-
+    from dynascope import figures
     path, _ = report
     text = path.read_text()
     for name in FIGS:

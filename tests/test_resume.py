@@ -19,10 +19,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 import zarr
 
-import analysis
-from recorder import Recorder
-from recorder.driver import TrainConfig, record_run
-from recorder.resume import ResumeError
+from dynascope import analysis
+from dynascope.recorder import Recorder
+from dynascope.recorder.driver import TrainConfig, record_run
+from dynascope.recorder.resume import ResumeError
 
 
 def _cfg(out, **kw):
@@ -36,7 +36,7 @@ def _cfg(out, **kw):
 SLOW = textwrap.dedent("""
     import sys, time, json, torch
     torch.set_num_threads(1)
-    import recorder.driver as d
+    import dynascope.recorder.driver as d
     ce = d.F.cross_entropy
     def slow(*a, **k):
         time.sleep(0.04)
@@ -141,7 +141,7 @@ def test_api_resume_without_checkpoint_continues_from_committed_rows(tmp_path):
     and the params rows the kill lost are filled, never shifted."""
     script = textwrap.dedent("""
         import sys, time, torch, torch.nn as nn, torch.nn.functional as F
-        from recorder import Recorder
+        from dynascope.recorder import Recorder
         torch.set_num_threads(1)
         model = nn.Linear(4, 3)
         opt = torch.optim.SGD(model.parameters(), lr=0.1)
@@ -201,7 +201,7 @@ def test_epoch_order_is_the_shuffling_loaders_order():
     """Replayable without loading data, and the same order the driver always used."""
     from torch.utils.data import DataLoader
 
-    from recorder.driver import EpochOrder
+    from dynascope.recorder.driver import EpochOrder
 
     for n, seed in ((37, 5), (256, 0)):
         loader = DataLoader(range(n), batch_size=8, shuffle=True, generator=torch.Generator().manual_seed(seed))

@@ -14,10 +14,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 import xarray as xr
 
-import analysis
-from analysis import open_run
+from dynascope import analysis
+from dynascope.analysis import open_run
 from dynascope.storage import StorageError
-from recorder import Recorder, StoreExistsError
+from dynascope.recorder import Recorder, StoreExistsError
 
 
 def _train(path, storage_options=None, overwrite=False):

@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from analysis import auroc
+from dynascope.analysis import auroc
 
 
 def test_hand_computed():

@@ -14,9 +14,9 @@ import torch
 import torch.nn as nn
 from click.testing import CliRunner
 
-import analysis
+from dynascope import analysis
 from dynascope.cli import main
-from recorder import Recorder
+from dynascope.recorder import Recorder
 
 A = {0: [(1, 1), (-1, -1), (1, 1), (1, -1)],      # token accuracy 1, 0, 1, 0.5
      1: [(-2, -2), (2, -2), (2, 2), (2, 2)]}      # token accuracy 0, .5, 1, 1

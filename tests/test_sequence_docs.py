@@ -7,8 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-import analysis
-
+from dynascope import analysis
 ROOT = Path(__file__).resolve().parents[1]
 
 

@@ -11,9 +11,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 import xarray as xr
 
-import analysis
-from recorder import Recorder
-from recorder.sequence import SequenceOptions, token_stats
+from dynascope import analysis
+from dynascope.recorder import Recorder
+from dynascope.recorder.sequence import SequenceOptions, token_stats
 
 IGNORE = -100
 

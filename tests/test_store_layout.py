@@ -9,8 +9,8 @@ import pytest
 import xarray as xr
 import zarr
 
-import analysis
-from analysis import RunError
+from dynascope import analysis
+from dynascope.analysis import RunError
 
 
 def test_every_group_opens_with_plain_xarray(tiny_run):

@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import xarray as xr
 
-from analysis import ANALYSES
+from dynascope.analysis import ANALYSES
 
 
 def test_opposing_groups_summary_names_classes_sizes_and_steps():

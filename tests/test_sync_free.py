@@ -12,8 +12,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from recorder import Recorder
-from recorder.models import build_model
+from dynascope.recorder import Recorder
+from dynascope.recorder.models import build_model
 
 
 class _Done(Exception):
