@@ -92,3 +92,69 @@ def test_probe_gram_of_an_invalid_layer_is_nan_with_a_warning(tmp_path):
             rec.probe([(X[b], Y[b], b) for b in (torch.tensor([0, 1, 2]), torch.tensor([3, 4]))])
     gram = analysis.open_run(tmp_path / "n.zarr").probe.grad_gram.values
     assert np.isfinite(gram[0]).all() and np.isnan(gram[1]).all()
+
+
+def _brute_from_gram(K, ids, k, threshold, labels=None):
+    """Each example's k most negative partners from the full exact Gram, by loops."""
+    K = np.asarray(K, dtype=np.float64)
+    d = np.sqrt(np.diag(K))
+    C = K / np.outer(d, d)
+    out = {}
+    for i in range(len(K)):
+        cols = [j for j in range(len(K)) if j != i and (threshold is None or C[i, j] <= threshold)
+                and (labels is None or labels[i] != labels[j])]
+        cols = sorted(cols, key=lambda j: (C[i, j], j))[:k]
+        for j in cols:
+            a, b = min(i, j), max(i, j)
+            out[(int(ids[a]), int(ids[b]))] = C[a, b]
+    return out
+
+
+def test_opposing_pairs_on_probes_use_the_exact_gram(tmp_path):
+    from dynascope.analysis.opposing import opposing_pairs
+
+    torch.manual_seed(4)
+    model = build_model("cnn", 4, (3, 8, 8))
+    X, Y = torch.randn(16, 3, 8, 8), torch.randint(0, 4, (16,))
+    batches = [torch.tensor([15, 2, 9, 4, 0]), torch.tensor([7, 1, 12]), torch.tensor([3, 10, 5, 14])]
+    run, _ = _train_and_probe(tmp_path / "o.zarr", model, X, Y, batches)
+    res = opposing_pairs(run, source="probe", cos_threshold=0.2, magnitude_ratio=None,
+                         cross_class=True, top_k=2)
+    assert res.attrs["cosine_source"] == "exact_gram" and res.attrs["cosine_sd_at_zero"] == 0
+    assert (res.cosine_sd.values == 0).all()
+    probe = run.probe
+    want = _brute_from_gram(probe.grad_gram[0].values, probe.example_id.values, 2, 0.2,
+                            labels=probe.target.values)
+    got = {(int(a), int(b)): float(c) for a, b, c in
+           zip(res.example_a.values, res.example_b.values, res.cosine.values)}
+    assert len(want) >= 5 and set(got) == set(want)
+    assert max(abs(got[p] - want[p]) for p in want) <= 1e-6
+    # pair norms are the exact gradient norms
+    norms = dict(zip(probe.example_id.values.tolist(), probe.grad_norm[0].values))
+    assert np.allclose(res.norm_a.values, [norms[a] for a in res.example_a.values], rtol=1e-5)
+    sketch = opposing_pairs(run, source="probe", cos_threshold=0.2, magnitude_ratio=None, top_k=2,
+                            cosine_source="sketch")
+    assert sketch.attrs["cosine_source"] == "sketch" and sketch.attrs["cosine_sd_at_zero"] > 0
+
+
+def test_opposing_pairs_fall_back_to_the_sketch_when_a_pass_has_no_gram(tmp_path):
+    from dynascope.analysis.opposing import opposing_pairs
+    from dynascope.analysis.run import RunError
+
+    torch.manual_seed(5)
+    model = build_model("cnn", 4, (3, 8, 8))
+    X, Y = torch.randn(8, 3, 8, 8), torch.randint(0, 4, (8,))
+    loader = [(X[b], Y[b], b) for b in (torch.tensor([0, 1, 2, 3]), torch.tensor([4, 5, 6, 7]))]
+    with Recorder(tmp_path / "m.zarr", model, num_classes=4, num_examples=8, grad_norms=True,
+                  grad_projection=16, grad_gram=True) as rec:
+        rec.probe(loader)
+        rec.extensions[0]._probe.budget = 1   # the second pass is over budget
+        with pytest.warns(RuntimeWarning, match="probe_gram_budget"):
+            rec.probe(loader)
+    run = analysis.open_run(tmp_path / "m.zarr")
+    assert np.isnan(run.probe.grad_gram[1].values).all()
+    assert opposing_pairs(run, source="probe", probes=[0]).attrs["cosine_source"] == "exact_gram"
+    with pytest.warns(RuntimeWarning, match=r"probe passes \[1\] have no probe/grad_gram"):
+        assert opposing_pairs(run, source="probe").attrs["cosine_source"] == "sketch"
+    with pytest.raises(RunError, match=r"probe/grad_gram for probe passes \[1\]"):
+        opposing_pairs(run, source="probe", cosine_source="exact_gram")
