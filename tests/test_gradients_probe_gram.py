@@ -158,3 +158,24 @@ def test_opposing_pairs_fall_back_to_the_sketch_when_a_pass_has_no_gram(tmp_path
         assert opposing_pairs(run, source="probe").attrs["cosine_source"] == "sketch"
     with pytest.raises(RunError, match=r"probe/grad_gram for probe passes \[1\]"):
         opposing_pairs(run, source="probe", cosine_source="exact_gram")
+
+
+def test_probe_gram_of_an_embedding_gru_classifier(tmp_path):
+    """Sequence layers (one-hot Embedding, the GRU re-expressed per gate, Linear over
+    positions) through the probe Gram: exact against per-example gradients by loop."""
+    from seq_helpers import per_example
+    from test_gradients_sequence import RNNLM, ce
+
+    torch.manual_seed(11)
+    m = RNNLM(torch.nn.GRU, classify=True, batch_first=True)
+    X, Y = torch.randint(0, 13, (9, 5)), torch.randint(0, 3, (9,))
+    batches = [torch.tensor([4, 0, 7, 2]), torch.tensor([8, 1]), torch.tensor([3, 6, 5])]
+    with Recorder(tmp_path / "g.zarr", m, num_classes=3, num_examples=9, grad_norms=True,
+                  grad_gram=True) as rec:
+        rec.probe([(X[b], Y[b], b) for b in batches])
+    run = analysis.open_run(tmp_path / "g.zarr")
+    assert run.attrs["extensions"]["gradients"]["covered_fraction"] == 1.0
+    m.eval()
+    g = per_example(m, X, Y, ce, method="loop")
+    flat = torch.cat([v.reshape(9, -1) for v in g.values()], 1).double()
+    assert gram_rel_err(torch.from_numpy(run.probe.grad_gram[0].values), flat @ flat.t()) <= 1e-4
