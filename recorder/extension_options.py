@@ -16,6 +16,7 @@ KEYWORDS = {
     "grad_layers": ("gradients", "dynascope.recorder.gradients", "layers"),
     "grad_fused": ("gradients", "dynascope.recorder.gradients", "fused"),
     "grad_gram": ("gradients", "dynascope.recorder.gradients", "gram"),
+    "grad_probe_gram_budget": ("gradients", "dynascope.recorder.gradients", "probe_gram_budget"),
     "param_stats": ("params", "dynascope.recorder.params", None),
     "param_stats_every": ("params", "dynascope.recorder.params", "every"),
     "snapshot_params": ("params", "dynascope.recorder.params", "snapshot_params"),

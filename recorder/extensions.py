@@ -112,6 +112,17 @@ class Extension:
         """
         return {}
 
+    def begin_pass(self, kind: str) -> None:
+        """Called before the first batch of a probe or eval pass."""
+
+    def end_pass(self, kind: str, row: int) -> dict[str, Any]:
+        """Called after the last batch of a probe or eval pass (`row`: the row it becomes).
+
+        Returns pass-wide pair arrays {name: (N, N, ...) tensor} in the order the pass's
+        batches came; the Recorder sorts both example axes as it sorts the examples.
+        """
+        return {}
+
     def after_step(self, recorder: "Recorder") -> None:
         """Called when the train step context closes, after `end_batch`."""
 

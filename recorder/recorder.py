@@ -388,7 +388,10 @@ class Recorder:
         saved_grads = [(p, p.grad) for p in self.model.parameters()]
         self.model.eval()
         cols: dict[str, list] = {}
+        pairs: dict = {}
         try:
+            for ext in active:
+                ext.begin_pass(kind)
             for batch in loader:
                 b = batches.unpack(batch, kind, *keys)
                 ids = check_example_ids(b.example_ids, None if kind == "eval" else self.num_examples)
@@ -417,15 +420,18 @@ class Recorder:
                     row.update(ext.end_batch(ctx))
                 for k, v in row.items():
                     cols.setdefault(k, []).append(v.detach().cpu() if hasattr(v, "detach") else torch.as_tensor(v))
+            row_index = self.writer.committed.get(kind, 0)
+            for ext in active:
+                pairs.update({k: v.detach().cpu() for k, v in ext.end_pass(kind, row_index).items()})
         finally:
             for p, g in saved_grads:
                 p.grad = g
             self.model.train(was_training)
         if not cols:
             raise ValueError(f"the {kind} loader yielded no batches")
-        self._append_pass(kind, groups, cols)
+        self._append_pass(kind, groups, cols, pairs)
 
-    def _append_pass(self, kind: str, groups, cols: dict) -> None:
+    def _append_pass(self, kind: str, groups, cols: dict, pairs: dict | None = None) -> None:
         ids = torch.cat(cols.pop("example_id"))
         order = torch.argsort(ids)
         ids = ids[order]
@@ -447,6 +453,8 @@ class Recorder:
             if v[0].dim() >= 2 and k in seq_mod.TOKEN_ARRAYS:
                 cols[k] = seq_mod.pad_tokens(v, -1 if k == "topk_token" else float("nan"))
         values = {k: torch.cat(v)[order] if v[0].dim() else torch.stack(v) for k, v in cols.items()}
+        # pass-wide pair arrays (N, N, ...): both example axes sorted like the examples
+        values.update({k: v[order][:, order] for k, v in (pairs or {}).items()})
         by_group: dict[str, dict] = {g: {} for g in groups}
         owner = {s.name: s.group for e in self.extensions for s in e.specs() if s.group in groups}
         for k, v in values.items():

@@ -43,7 +43,7 @@ def test_recorded_store_holds_gradient_signals(tmp_path):
     assert run.attrs["extensions"]["gradients"]["layer_names"] == ["conv1", "conv2", "fc1", "fc2"]
     assert train.grad_gram.dims == ("step", "slot", "slot_j") and train.grad_gram.dtype == np.float32
     assert train.grad_proj_scale.dims == ("step", "slot")
-    assert "grad_gram" not in probe  # probe passes: sketch only
+    assert probe.grad_gram.dims == ("probe", "example", "example_j")  # across the tracked set
     for s, (sq, proj, gram) in enumerate(expected):
         unit = train.grad_proj[s].values.astype(np.float32)
         got = torch.from_numpy(unit * train.grad_proj_scale[s].values[:, None])

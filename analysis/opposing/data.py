@@ -2,8 +2,8 @@
 time, so no analysis ever holds more than one slice of `grad_proj` in memory.
 
 The sketch is stored as float16 unit rows times a float32 `grad_proj_scale`; rows are
-rescaled here (stores without the scale are read as they are). Within training batches the
-exact `grad_gram` is used when recorded (`cosine_source`). Magnitudes: the exact
+rescaled here (stores without the scale are read as they are). Within training batches and
+across a probe pass the exact `grad_gram` is used when recorded (`cosine_source`). Magnitudes: the exact
 `grad_norm` when the run recorded it (the projection only estimates the norm); otherwise
 the projection's own norm. Rows that cannot give a cosine (NaN, zero) are counted and
 reported by `Dropped`, never skipped silently.
@@ -73,14 +73,52 @@ def train_chunks(ds: xr.Dataset, steps=None, chunk: int | None = None):
         yield idx, G, valid, ids, tgt, mag
 
 
-def use_gram(ds: xr.Dataset, cosine_source: str) -> bool:
-    """Whether to read training cosines from the exact `grad_gram` ("auto": when recorded)."""
+def use_gram(ds: xr.Dataset, cosine_source: str, source: str = "train", probes=None) -> bool:
+    """Whether to read cosines from the exact `grad_gram` ("auto": when recorded, and for
+    probes when every selected pass has it; a pass over the recorder's memory budget has
+    none, and mixing exact and sketched cosines would give one table two error laws)."""
     if cosine_source not in ("auto", "exact_gram", "sketch"):
         raise ValueError(f"cosine_source must be 'auto', 'exact_gram' or 'sketch', got {cosine_source!r}")
-    if cosine_source == "exact_gram" and "grad_gram" not in ds:
-        raise RunError("this run has no train/grad_gram; record it with dynascope record --grad-gram "
-                       "(Recorder(..., grad_gram=True)) or use cosine_source='sketch'")
-    return cosine_source != "sketch" and "grad_gram" in ds
+    if cosine_source == "sketch":
+        return False
+    missing = ([] if "grad_gram" not in ds or source != "probe"
+               else [int(p) for p, ok in zip(probes, probe_gram_present(ds, probes)) if not ok])
+    if cosine_source == "exact_gram" and ("grad_gram" not in ds or missing):
+        what = f"{source}/grad_gram" + (f" for probe passes {missing}" if missing else "")
+        raise RunError(f"this run has no {what}; record it with dynascope record --grad-gram "
+                       "(Recorder(..., grad_gram=True); probe passes also need their per-example "
+                       "gradients to fit grad_probe_gram_budget) or use cosine_source='sketch'")
+    if missing:
+        warnings.warn(f"probe passes {missing} have no probe/grad_gram (over the recorder's "
+                      "probe_gram_budget); all selected passes use the sketch instead "
+                      "(select passes with probes= to use the exact Gram)", RuntimeWarning, stacklevel=3)
+    return "grad_gram" in ds and not missing
+
+
+def probe_gram_present(ds: xr.Dataset, probes) -> np.ndarray:
+    """(P,) whether each probe pass has a recorded Gram (a finite diagonal entry)."""
+    i = xr.DataArray(np.arange(ds.sizes["example"]), dims="d")
+    d = np.asarray(ds["grad_gram"].isel(probe=xr.DataArray(np.asarray(probes), dims="p"),
+                                        example=i, example_j=i).values)
+    return np.isfinite(d).any(-1)
+
+
+def gram_cosines(K: np.ndarray, present: np.ndarray):
+    """(cosines, valid, magnitudes) from Grams K (..., B, B): rows with a NaN or zero
+    diagonal are invalid (NaN cosines); magnitudes are the diagonal's square roots."""
+    d = np.diagonal(K, axis1=-2, axis2=-1)
+    valid = present & np.isfinite(d) & (d > 0)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        mag = np.sqrt(np.where(valid, d, np.nan))
+        C = K / (mag[..., :, None] * mag[..., None, :])
+    C = np.clip(np.where(valid[..., :, None] & valid[..., None, :], C, np.nan), -1, 1)
+    return C, valid, mag
+
+
+def probe_gram_slice(ds: xr.Dataset, p: int):
+    """(cosines (N, N), valid (N,), magnitudes (N,)) of probe pass p from its exact Gram."""
+    K = np.asarray(ds["grad_gram"].isel(probe=p).values, dtype=np.float64)
+    return gram_cosines(K, np.ones(K.shape[0], bool))
 
 
 def train_gram_chunks(ds: xr.Dataset, steps=None, chunk: int = 64):
@@ -95,12 +133,7 @@ def train_gram_chunks(ds: xr.Dataset, steps=None, chunk: int = 64):
         ids = np.asarray(sub["example_id"].values)
         B = ids.shape[1]
         K = K[:, :B, :B]
-        d = np.diagonal(K, axis1=1, axis2=2)
-        valid = (ids >= 0) & np.isfinite(d) & (d > 0)
-        with np.errstate(invalid="ignore", divide="ignore"):
-            mag = np.sqrt(np.where(valid, d, np.nan))
-            C = K / (mag[:, :, None] * mag[:, None, :])
-        C = np.clip(np.where(valid[:, :, None] & valid[:, None, :], C, np.nan), -1, 1)
+        C, valid, mag = gram_cosines(K, ids >= 0)
         yield idx, C, valid, ids, np.asarray(sub["target"].values), mag, K
 
 

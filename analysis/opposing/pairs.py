@@ -5,8 +5,8 @@ class-pair matrix.
 A pair {a, b} is *opposing* when cos(g_a, g_b) <= cos_threshold, its magnitudes are within
 a factor `magnitude_ratio` (max/min <= magnitude_ratio: both pull comparably, so neither is
 a negligible nudge against the other), optionally the classes differ, and b is among a's
-`top_k` most negative partners or a among b's. Within training batches cosines come from the
-exact in-batch Gram when it was recorded; otherwise (and across a probe set) from the stored
+`top_k` most negative partners or a among b's. Within training batches and across a probe
+pass cosines come from the exact Gram when it was recorded; otherwise from the stored
 sketch, whose error sd at true cosine c is about c0 (1 - c^2) (c0 = c/sqrt(K) in the store's
 metadata): each pair carries that sd, and `margin` z keeps a pair only when
 cos + z sd <= cos_threshold. Magnitudes from the exact `grad_norm`.
@@ -21,8 +21,8 @@ import xarray as xr
 from ..checks import check_range
 from ..registry import register_analysis
 from ..run import Run
-from .data import (Dropped, class_names, gradient_group, num_classes, probe_slice, probe_times,
-                   sketch_error, train_chunks, train_gram_chunks, use_gram)
+from .data import (Dropped, class_names, gradient_group, num_classes, probe_gram_slice, probe_slice,
+                   probe_times, sketch_error, train_chunks, train_gram_chunks, use_gram)
 from .topk import most_negative_pairs, within_batch_pairs, within_batch_pairs_from_cosines
 
 
@@ -37,11 +37,21 @@ def margin_threshold(threshold: float | None, margin: float, c0: float) -> float
     return float((1 - np.sqrt(1 - 4 * a * (threshold - a))) / (2 * a))
 
 
-def _probe_pairs(run, ds, probes, kw, block, dropped):
+def _probe_pairs(run, ds, probes, kw, block, dropped, gram=False):
     ids = np.asarray(ds["example_id"].values)
     tgt = np.asarray(ds["target"].values)
     rows = []
     for p in probe_times(ds, probes):
+        if gram:   # all N x N cosines exact: the in-batch selection with one "batch"
+            C, valid, mag = probe_gram_slice(ds, int(p))
+            dropped.add(valid, np.ones(len(valid), bool))
+            _, a, b, c = within_batch_pairs_from_cosines(
+                C[None], valid[None], k=kw["top_k"], threshold=kw["effective_threshold"],
+                labels=tgt[None] if kw["cross_class"] else None, norms=mag[None],
+                magnitude_ratio=kw["magnitude_ratio"])
+            rows.append(dict(time=np.full(len(a), p), a=ids[a], b=ids[b], ta=tgt[a], tb=tgt[b],
+                             cos=c, na=mag[a], nb=mag[b]))
+            continue
         G, mag = probe_slice(ds, int(p))
         nrm = np.linalg.norm(G, axis=1)
         dropped.add(np.isfinite(nrm) & (nrm > 0), np.ones(len(G), bool))
@@ -89,13 +99,15 @@ def opposing_pairs(run: Run, cos_threshold: float | None = -0.5, magnitude_ratio
     selects passes). source='train': pairs within each training batch (`steps` selects).
     top_k: partners kept per example and time (bounds memory and output).
     margin: z; with sketched cosines a pair is kept only when cos + z sd <= cos_threshold.
-    cosine_source (train): 'auto' (the exact Gram when recorded), 'exact_gram' or 'sketch'.
+    cosine_source: 'auto' (the exact Gram when recorded: train batches, and probe passes
+    whose gradients fitted the recorder's probe_gram_budget), 'exact_gram' or 'sketch'.
     """
     check_range("cos_threshold", cos_threshold, -1, 1, "a cosine", optional=True)
     check_range("magnitude_ratio", magnitude_ratio, 1, math.inf, "the largest allowed norm ratio", optional=True)
     check_range("top_k", top_k, 1, math.inf, "partners kept per example")
     ds = gradient_group(run, source)
-    gram = source == "train" and use_gram(ds, cosine_source)
+    gram = use_gram(ds, cosine_source, source,
+                    probe_times(ds, probes) if source == "probe" else None)
     c0 = 0.0 if gram else sketch_error(run, source)["c0"]
     kw = dict(cos_threshold=cos_threshold, magnitude_ratio=magnitude_ratio,
               cross_class=cross_class, top_k=top_k, margin=margin)
@@ -103,7 +115,7 @@ def opposing_pairs(run: Run, cos_threshold: float | None = -0.5, magnitude_ratio
     dropped = Dropped("opposing_pairs")
     if source == "probe":
         times = probe_times(ds, probes)
-        f = _concat(_probe_pairs(run, ds, probes, kw, block, dropped))
+        f = _concat(_probe_pairs(run, ds, probes, kw, block, dropped, gram))
         tdim = "probe"
         all_ids = np.asarray(ds["example_id"].values)
     else:

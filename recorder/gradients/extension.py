@@ -20,8 +20,9 @@ from ..extensions import ArraySpec, BatchContext, Extension, register_extension
 from . import checks
 from .factors import full_float32
 from .hooks import Hooks
+from .probe_gram import DEFAULT_BUDGET, OVER_BUDGET, ProbeGram
 from .projection import layer_hashes
-from .signals import layer_signals
+from .signals import layer_flat, layer_signals
 
 DEFAULT_PROJECTION_DIM = 1024
 #: c in sd(cos error) ~= c (1 - cos^2) / sqrt(K) per layer sketch kind: a dense Gaussian JL
@@ -63,7 +64,9 @@ class GradientExtension(Hooks, Extension):
     norms: record exact norms. projection_dim: size K of the one sketch shared by all covered
     layers (int; True means DEFAULT_PROJECTION_DIM), or None / 0 for no sketch (the
     default, so that `Recorder(grad_norms=True)` records norms only).
-    gram: record the exact (B, B) Gram of each training batch's per-example gradients.
+    gram: record the exact (B, B) Gram of each training batch's per-example gradients, and
+    the exact (N, N) Gram across all N tracked examples of each probe pass when their
+    per-example gradients fit `probe_gram_budget` bytes (probe_gram.py).
     seed: seeds every hash together with the layer name. layers: module names or fnmatch
     patterns to cover (default: every supported module with trainable params).
     fused: covered convolutions run through `fused.FusedConv`, whose backward forms the
@@ -79,7 +82,14 @@ class GradientExtension(Hooks, Extension):
 
     def __init__(self, norms: bool = True, projection_dim: int | bool | None = None,
                  seed: int = 0, layers: list[str] | None = None, fused: bool = True,
-                 gram: bool = False, batch_axis: dict | None = None, check_every: int = 0):
+                 gram: bool = False, batch_axis: dict | None = None, check_every: int = 0,
+                 probe_gram_budget: int = DEFAULT_BUDGET):
+        if int(probe_gram_budget) != probe_gram_budget or probe_gram_budget < 0:
+            raise ValueError(f"probe_gram_budget must be a number of bytes >= 0, got {probe_gram_budget!r}")
+        self._probe = ProbeGram(int(probe_gram_budget), 0)
+        self._probe_collect = False
+        self.probe_gram_passes: list[int] = []
+        self.probe_gram_skipped: list[int] = []
         self.norms = bool(norms)
         self.fused = bool(fused)
         self.gram = bool(gram)
@@ -141,6 +151,7 @@ class GradientExtension(Hooks, Extension):
                 out.append(ArraySpec(group, "grad_proj_scale", (row, ex), "float32"))
         if self.gram:
             out.append(ArraySpec("train", "grad_gram", ("step", "slot", "slot_j"), "float32"))
+            out.append(ArraySpec("probe", "grad_gram", ("probe", "example", "example_j"), "float32"))
         return out
 
     def metadata(self) -> dict:
@@ -170,14 +181,53 @@ class GradientExtension(Hooks, Extension):
                           "cos_sd_at_zero": (max((SKETCH_INFLATION[k] for k in kinds), default=1.0)
                                              / K ** 0.5) if K else None,
                           "measured_by": "benchmarks/sketch_fidelity.py"}},
-            "gram": {"recorded": self.gram, "groups": ["train"] if self.gram else [],
+            "gram": {"recorded": self.gram, "groups": ["train", "probe"] if self.gram else [],
                      "definition": "<g_i, g_j> over the covered parameters of each example's own "
-                                   "loss; NaN rows/columns where an example's loss weight is 0"},
+                                   "loss; NaN rows/columns where an example's loss weight is 0",
+                     "probe_budget_bytes": self._probe.budget,
+                     "probe_bytes_per_example": self._covered_numel * 4,
+                     "probe_passes": list(self.probe_gram_passes),
+                     "probe_passes_over_budget": list(self.probe_gram_skipped)},
             "batchnorm_modules": list(self.batchnorm_modules),
             "batchnorm_train_mode_coupling": bool(self.batchnorm_modules),
             "zero_weight_examples": "nan",
             "loss_weighting": "dL/dloss_i from a hook on the per-example losses is divided out",
         }
+
+    # -- probe passes ----------------------------------------------------------------
+    def begin_pass(self, kind: str) -> None:
+        if kind == "probe" and self.gram:
+            self._probe.numel = self._covered_numel
+            self._probe.begin_pass()
+
+    def begin_batch(self, batch) -> None:
+        super().begin_batch(batch)
+        self._probe_collect = (batch.kind == "probe" and self.gram
+                               and self._probe.admit(batch.batch_size))
+
+    def end_pass(self, kind: str, row: int) -> dict:
+        if kind != "probe" or not self.gram:
+            return {}
+        self._probe_collect = False
+        gm = self._probe.result()
+        if gm is None:
+            self.probe_gram_skipped.append(row)
+            if self._probe.over:
+                n = self._probe.seen
+                self._warn("probe_gram_budget", OVER_BUDGET.format(
+                    row=row, need=self._probe.need_bytes(n) >> 20, n=n, p=self._covered_numel,
+                    budget=self._probe.budget >> 20))
+            return {}
+        self.probe_gram_passes.append(row)
+        return {"grad_gram": gm}
+
+    def state_dict(self) -> dict:
+        return {"probe_gram_passes": list(self.probe_gram_passes),
+                "probe_gram_skipped": list(self.probe_gram_skipped)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.probe_gram_passes = list(state.get("probe_gram_passes", []))
+        self.probe_gram_skipped = list(state.get("probe_gram_skipped", []))
 
     # -- batches -------------------------------------------------------------------
     def end_batch(self, batch: BatchContext) -> dict:
@@ -228,10 +278,13 @@ class GradientExtension(Hooks, Extension):
         proj = torch.zeros(B, self.proj_total, device=device) if self.proj_total else None
         gram = torch.zeros(B, B, device=device) if self._want_gram else None
         nan = float("nan")
+        flats, nan_rows = {}, torch.zeros(B, dtype=torch.bool, device=device)
         if w is None:
             if not any(c[1] is not None for layer in self.layers for c in layer.calls):
                 self._warn("nobackward", "no backward pass reached the hooked layers in this batch; "
                            "its per-example gradient signals are NaN")
+                if self._probe_collect:
+                    self._probe.add({}, sq.new_ones(B), torch.ones(B, dtype=torch.bool, device=device))
                 return tuple(t.fill_(nan) if t is not None else None for t in (sq, proj, gram))
             self._warn("noloss", "no gradient reached the per-example losses given to the recorder; "
                        "gradients are stored unscaled (as if each example's weight were 1). "
@@ -251,14 +304,24 @@ class GradientExtension(Hooks, Extension):
                     for t in (proj, gram):
                         if t is not None:
                             t.fill_(nan)
+                    nan_rows[:] = True
                     continue
                 fused = calls[0][2].get("fused") if len(calls) == 1 else None
                 if fused is not None:  # formed in the backward (fused.py)
                     s, p, gm = fused
+                    if self._probe_collect:
+                        flats[j] = calls[0][2].get("fused_flat")
+                        if flats[j] is None:  # formed before the pass began collecting
+                            del flats[j]
+                            nan_rows[:] = True
+                            self._warn("probe_flat", f"{layer.name}: its per-example gradients were "
+                                       "not kept in this probe batch; its rows of probe/grad_gram are NaN")
                 else:
                     hs, cache = self._hashes(layer, device) if proj is not None else (None, None)
                     g = layer.rule.grad(layer.module, calls, layer.params)
                     s, p, gm = layer_signals(g, hs, self.proj_total, gram is not None, cache)
+                    if self._probe_collect:
+                        flats[j] = layer_flat(g)
                 sq[:, j] = s
                 if proj is not None:
                     proj += p
@@ -272,6 +335,8 @@ class GradientExtension(Hooks, Extension):
                     proj = proj * inv[:, None]
                 if gram is not None:
                     gram = gram * inv[:, None] * inv[None, :]
+            if self._probe_collect:
+                self._probe.add(flats, inv if w is not None else sq.new_ones(B), nan_rows)
         return sq, proj, gram
 
     def _hashes(self, layer: _Layer, device) -> tuple:

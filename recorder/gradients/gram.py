@@ -80,13 +80,15 @@ class DirectSignals:
     chunks by `grads(slice) -> (b, out, in)`: G is formed once per chunk, never for the batch
     unless the Gram needs it and it fits DIRECT_KEEP_ELEMS."""
 
-    def __init__(self, grads, batch: int, out_f: int, in_f: int):
+    def __init__(self, grads, batch: int, out_f: int, in_f: int, keep_flat: bool = False):
         self.grads, self.batch, self.n = grads, batch, out_f * in_f
+        self.keep_flat = keep_flat  # keep the batch's F (a probe pass's Gram needs it later)
+        self.kept = None
 
     def run(self, sketch=None, gram: bool = False, want_sum: bool = False):
         """sketch: callable (b, n) -> (b, K) or None. Returns (sq, proj, gram, total)."""
         chunks = list(_chunks(self.batch, self.n, GROUPED_EXAMPLES))
-        keep = gram and self.batch * self.n <= DIRECT_KEEP_ELEMS
+        keep = self.keep_flat or (gram and self.batch * self.n <= DIRECT_KEEP_ELEMS)
         kept, sq, proj, total = None, [], [], None
         for s in chunks:
             G = self.grads(s)
@@ -99,14 +101,15 @@ class DirectSignals:
             if want_sum:
                 part = G.sum(0)
                 total = part if total is None else total + part
-            if not keep:  # else the Gram's diagonal
+            if not (keep and gram):  # else the Gram's diagonal
                 sq.append(flat.square().sum(1))
             if sketch is not None:
                 proj.append(sketch(flat))
         gm = None
         if gram:
             gm = symmetric_gram(kept) if keep else self._gram()
-        sq = gm.diagonal().clone() if keep else torch.cat(sq)
+        sq = gm.diagonal().clone() if keep and gram else torch.cat(sq)
+        self.kept = kept
         return sq, (torch.cat(proj) if sketch is not None else None), gm, total
 
     def _gram(self) -> torch.Tensor:

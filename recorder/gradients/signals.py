@@ -32,6 +32,17 @@ def layer_signals(g, hs: tuple | None, K: int, gram: bool, cache: dict | None = 
             ghost_gram(g.calls, B) if gram else None)
 
 
+def layer_flat(g) -> torch.Tensor:
+    """(B, n) per-example flat gradients of one layer (a probe pass keeps them to pair
+    examples of different batches, which the in-batch forms cannot)."""
+    if isinstance(g, Vector):
+        return g.vec
+    B = g._batch()
+    if g._is_conv() and not g._use_ghost():
+        return sum(r.grads(slice(None)) for _, r in g.calls).reshape(B, -1)
+    return _formed(g, slice(None)).reshape(B, -1)
+
+
 def _direct_cheaper(g, B, o, i, sketch: bool, gram: bool, K: int) -> bool:
     factored = (sketch_cost(g.calls, B, K) if sketch else 0) + (ghost_cost(g.calls, B, o, i) if gram else 0)
     direct = direct_cost(g.calls, B, o, i) - (0 if gram else B * B * o * i)
