@@ -13,7 +13,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from dynascope.recorder.models import build_model
+from dynascope.recorder.driver.models import build_model
 from dynascope.recorder.params import ParamStats, hist_edges
 
 

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from dynascope.recorder import Recorder
-from dynascope.recorder.models import build_model
+from dynascope.recorder.driver.models import build_model
 
 
 def run(path: str, stats: bool, steps: int) -> tuple[float, float]:

@@ -37,7 +37,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from dynascope.recorder import Recorder  # noqa: E402
-from dynascope.recorder.models import build_model  # noqa: E402
+from dynascope.recorder.driver.models import build_model  # noqa: E402
 
 N_EXAMPLES = 1 << 20
 _STORES = itertools.count()

@@ -19,8 +19,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from dynascope.recorder.datasets import load_dataset
-from dynascope.recorder.models import build_model
+from dynascope.recorder.driver.datasets import load_dataset
+from dynascope.recorder.driver.models import build_model
 
 REPORT_STEPS = (0, 8, 16, 24, 32, 48, 64)
 

@@ -35,7 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from dynascope.recorder.extensions import BatchContext  # noqa: E402
 from dynascope.recorder.gradients import GradientExtension  # noqa: E402
 from dynascope.recorder.gradients.extension import unit_rows  # noqa: E402
-from dynascope.recorder.models import build_model  # noqa: E402
+from dynascope.recorder.driver.models import build_model  # noqa: E402
 
 THRESHOLD = -0.5
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from dynascope.recorder.datasets import (
+from dynascope.recorder.driver.datasets import (
     DATASETS,
     DatasetUnavailableError,
     load_dataset,

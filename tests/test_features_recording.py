@@ -11,7 +11,7 @@ from dynascope.recorder import Recorder
 from dynascope.recorder.activations import ActivationExtension, pool_output, select_layers, unit_subset
 from dynascope.recorder.augment import record_augmentation_variance
 from dynascope.recorder.indexed import IndexedDataset
-from dynascope.recorder.models import build_model
+from dynascope.recorder.driver.models import build_model
 
 
 def tiny(seed=0):

@@ -1,10 +1,10 @@
-"""The built-in models (recorder/models.py) against torch.func per-example gradients."""
+"""The built-in models (recorder/driver/models.py) against torch.func per-example gradients."""
 import pytest
 import torch
 
 from gradients_helpers import check, record
 from dynascope.recorder.gradients import GradientExtension
-from dynascope.recorder.models import build_model
+from dynascope.recorder.driver.models import build_model
 
 torch.set_num_threads(1)
 

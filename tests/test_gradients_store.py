@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from dynascope import analysis
 from gradients_helpers import gram_rel_err, reference, rel_err
 from dynascope.recorder import Recorder
-from dynascope.recorder.models import build_model
+from dynascope.recorder.driver.models import build_model
 
 
 def test_recorded_store_holds_gradient_signals(tmp_path):
@@ -89,7 +89,7 @@ def test_tiny_gradients_keep_their_direction_in_the_store(tmp_path):
 def test_grad_gram_flag_reaches_the_recorder():
     """`dynascope record --grad-gram` -> TrainConfig.grad_gram -> Recorder(grad_gram=True)."""
     from dynascope.cli import record as record_cmd
-    from dynascope.recorder.driver import TrainConfig, _extension_options
+    from dynascope.recorder.driver.loop import TrainConfig, _extension_options
 
     assert any(p.name == "grad_gram" for p in record_cmd.params)
     opts = _extension_options(TrainConfig(grad_gram=True))

@@ -5,7 +5,7 @@ import pytest
 import torch
 from torch import nn
 
-from dynascope.recorder.models import MODELS, build_model, count_parameters, register_model
+from dynascope.recorder.driver.models import MODELS, build_model, count_parameters, register_model
 
 torch.set_num_threads(1)
 

@@ -36,7 +36,7 @@ def _cfg(out, **kw):
 SLOW = textwrap.dedent("""
     import sys, time, json, torch
     torch.set_num_threads(1)
-    import dynascope.recorder.driver as d
+    import dynascope.recorder.driver.loop as d
     ce = d.F.cross_entropy
     def slow(*a, **k):
         time.sleep(0.04)

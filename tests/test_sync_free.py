@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from dynascope.recorder import Recorder
-from dynascope.recorder.models import build_model
+from dynascope.recorder.driver.models import build_model
 
 
 class _Done(Exception):

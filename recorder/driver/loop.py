@@ -15,9 +15,9 @@ from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
 from .datasets import load_dataset
-from .indexed import IndexedDataset
+from ..indexed import IndexedDataset
 from .models import build_model
-from .recorder import Recorder
+from ..recorder import Recorder
 
 
 @dataclass
@@ -171,7 +171,8 @@ def _start(cfg: TrainConfig):
     """The checkpoint to resume from, or None to record from scratch."""
     if not cfg.resume:
         return None
-    from . import checkpoint, resume
+    from . import checkpoint
+    from .. import resume
 
     stored = resume.stored_attrs(Path(cfg.out))      # a clear error if there is nothing resumable
     config = {k: v for k, v in asdict(cfg).items() if k != "resume"}

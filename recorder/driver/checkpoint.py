@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .lock import control_dir
+from ..lock import control_dir
 
 FORMAT = 1
 

@@ -2,7 +2,7 @@
 
 Real datasets (CIFAR-10, MNIST, Fashion-MNIST) load through torchvision and, when their files
 are missing, fail with a `DatasetUnavailableError` that says what to do, not a traceback. The
-offline `planted` dataset is generated (see `recorder.planted` and docs/DATASETS.md) and
+offline `planted` dataset is generated (see `recorder.driver.planted` and docs/DATASETS.md) and
 carries ground truth for label noise and an opposing signal.
 
 Add a dataset with::
