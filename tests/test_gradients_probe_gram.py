@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from dynascope import analysis
 from dynascope.recorder import Recorder
-from dynascope.recorder.models import build_model
+from dynascope.recorder.driver.models import build_model
 from gradients_helpers import gram_rel_err, layer_grads, per_example_grads
 
 SHAPES = {"cnn": (3, 8, 8), "mlp-bn": (1, 6, 6)}
