@@ -104,7 +104,8 @@ def gradient_sign_heatmap_zoom(run: Run, eps: float = 1e-5, start: int | None = 
         cb = fig.colorbar(im, ax=[top, ax], ticks=[-1, 0, 1], fraction=0.04, pad=0.02)
         small, large = f"|g| ≤ {thr}", f"|g| > {thr}"
         text = ([f"g < 0, {small}", large, f"g > 0, {small}"] if near_zero_only else ["g < 0", small, "g > 0"])
-        cb.ax.set_yticklabels([f"{t}\n({p:.0%} of cells)" for t, p in zip(text, levels)], fontsize=7)
+        share_text = [f"{p:.0%}" if p == 0 or p >= 0.005 else "<1%" for p in levels]   # never "0%" when some
+        cb.ax.set_yticklabels([f"{t}\n({q} of cells)" for t, q in zip(text, share_text)], fontsize=7)
         cb.set_label("sign of each component at each snapshot", fontsize=7)
         why = {"window with the most": f"the {width}-component window with the most |g| ≤ {thr}",
                "none": f"no component reached |g| ≤ {thr}", "given start": "chosen start"}[chosen]
