@@ -12,7 +12,7 @@ from . import dynamics  # noqa: F401,E402  example dynamics (issue 5)
 from . import features, augmentation  # noqa: F401,E402  feature signals (issue 6)
 from . import animations  # noqa: F401,E402  example-dynamics GIFs (issue 5)
 from . import opposing  # noqa: F401,E402  opposing signals (issue 4)
-from . import optimization  # noqa: F401,E402  optimization insight (issue 7)
+from . import optimization, sign_zoom  # noqa: F401,E402  optimization insight (issue 7)
 from .render import render_all, render_figure  # noqa: E402
 from . import compare  # noqa: F401,E402  figures over several runs
 from .batch import render_runs, render_spec  # noqa: E402

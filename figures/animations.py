@@ -15,7 +15,7 @@ from matplotlib.animation import FuncAnimation, PillowWriter
 from dynascope import analysis
 from dynascope.analysis.run import Run
 
-from .registry import register_figure
+from .registry import PER_TARGET, register_figure
 from .style import DECREASE, INCREASE, TEST, TRAIN, class_color, integer_axis, figure_style
 
 GIF_DPI = 90
@@ -132,7 +132,7 @@ def training_animation(run: Run, path, fps: int = 3, max_frames: int | None = 60
         return _save(fig, update, frames, path, fps)
 
 
-@register_figure("loss_trajectories_animation", needs=("train",), kind="animation")
+@register_figure("loss_trajectories_animation", needs=("train",), kind="animation", tasks=PER_TARGET)
 def loss_trajectories_animation(run: Run, path, fps: int = 5, max_frames: int | None = 60,
                                 per_class: int = 3, seed: int = 0):
     """Per-example loss trajectories drawn over time, coloured by class (a few examples per class

@@ -2,6 +2,8 @@
 invariance ratio, and view-by-view correlation within chosen layers."""
 from __future__ import annotations
 
+import matplotlib
+import matplotlib.patches  # noqa: F401 - the legend's patch
 import matplotlib.pyplot as plt
 import numpy as np
 
@@ -15,37 +17,89 @@ from .style import DIVERGING_CMAP, PALETTE, mark_blocks, figure_style
 NEEDS = ("augmentation",)
 
 
+FILL = "#CC79A7"   # Okabe-Ito reddish purple: pixels the augmentation filled in
+
+
+def display_range(img: np.ndarray, keep: np.ndarray) -> tuple[float, float]:
+    """Each image's own 1st-99th percentile over its real pixels (fill excluded), so one
+    view's padding or contrast never washes out another's."""
+    vals = img[:, keep] if keep.any() else img.reshape(img.shape[0], -1)
+    lo, hi = np.percentile(vals, [1, 99])
+    return float(lo), float(max(hi, lo + 1e-12))
+
+
+def filled_pixels(view: np.ndarray, original: np.ndarray, fill: float = 0.0) -> np.ndarray:
+    """Pixels set to the transform's fill value in every channel (outside the transformed
+    frame) where the original had real content."""
+    return (view == fill).all(0) & ~(original == fill).all(0)
+
+
+def smoothed(img: np.ndarray, sigma: float) -> np.ndarray:
+    """Separable Gaussian blur of each channel (edges reflected): display only, to bring out
+    structure under pixel noise; sigma <= 0 returns the image."""
+    if sigma <= 0:
+        return img
+    r = max(1, int(np.ceil(3 * sigma)))
+    k = np.exp(-0.5 * (np.arange(-r, r + 1) / sigma) ** 2)
+    k /= k.sum()
+    out = np.pad(img, ((0, 0), (r, r), (r, r)), mode="reflect")
+    out = np.apply_along_axis(lambda v: np.convolve(v, k, mode="valid"), 1, out)
+    return np.apply_along_axis(lambda v: np.convolve(v, k, mode="valid"), 2, out)
+
+
+def _show(ax, img, mask):
+    lo, hi = display_range(img, ~mask)
+    x = np.clip((img - lo) / (hi - lo), 0, 1).transpose(1, 2, 0)
+    ax.imshow(x[..., 0] if x.shape[-1] == 1 else x, cmap="gray", vmin=0, vmax=1, interpolation="nearest")
+    if mask.any():
+        over = np.zeros(mask.shape + (4,))
+        over[mask] = matplotlib.colors.to_rgba(FILL, 0.85)
+        ax.imshow(over, interpolation="nearest")
+    ax.set_xticks([])
+    ax.set_yticks([])
+    ax.grid(False)
+    for spine in ax.spines.values():
+        spine.set_visible(False)
+
+
 @register_figure("augmentation_montage", needs=("augmentation/montage",))
-def augmentation_montage(run: Run, max_views: int = 48, columns: int = 12):
-    """The un-augmented input (outlined) and its first augmented views, as fed to the model."""
-    m = run.group("augmentation")["montage"]
-    views = m.values[:max_views]                     # (view, channel, y, x), normalised inputs
-    lo, hi = np.percentile(views, [0.5, 99.5])       # one display range for every view
-    views = np.clip((views - lo) / max(hi - lo, 1e-12), 0, 1)
-    cols = min(columns, len(views))
-    rows = int(np.ceil(len(views) / cols))
+def augmentation_montage(run: Run, max_views: int = 6, smooth: float = 1.0):
+    """One example as fed to the model and its first augmented views (top row), each scaled to
+    its own 1st-99th percentile, the pixels the transform filled in marked, and under each
+    view its change from the input; the bottom row shows the same images Gaussian-smoothed
+    (display only) so that structure under pixel noise, and how the transform moved it, shows."""
+    g = run.group("augmentation")
+    m = g["montage"]
+    original, views = m.values[0], m.values[1:1 + max_views]   # (channel, y, x), normalised inputs
+    masks = [filled_pixels(v, original) for v in views]
+    change = [float(np.sqrt(np.mean((v - original) ** 2)) / max(original.std(), 1e-12)) for v in views]
     sid = m.attrs.get("sample_id", "?")
+    kinds = [("as fed to the model", 0.0)] + ([(f"smoothed, σ = {smooth:g} px", smooth)] if smooth > 0 else [])
     with figure_style():
-        fig, axes = plt.subplots(rows, cols, figsize=(0.62 * cols + 0.2, 0.62 * rows + 0.5), squeeze=False)
-        for k, ax in enumerate(axes.flat):
-            ax.set_axis_off()
-            if k >= len(views):
-                continue
-            img = views[k].transpose(1, 2, 0)
-            ax.imshow(img[..., 0] if img.shape[-1] == 1 else img, cmap="gray", vmin=0, vmax=1,
-                      interpolation="nearest")
-            if k == 0:
-                ax.set_axis_on()
-                ax.set_xticks([])
-                ax.set_yticks([])
-                ax.grid(False)
-                for spine in ax.spines.values():
-                    spine.set_visible(True)
-                    spine.set_color(PALETTE[3])
-                    spine.set_linewidth(2)
-        n_aug = run.group("augmentation").attrs.get("n_aug", "?")
-        fig.suptitle(f"Example {sid}: original (outlined) and {len(views) - 1} of {n_aug} augmented views",
-                     fontsize=9)
+        cols = len(views) + 1
+        fig, axes = plt.subplots(len(kinds), cols, figsize=(1.15 * cols + 0.6, 1.3 * len(kinds) + 0.9),
+                                 squeeze=False)
+        none = np.zeros(original.shape[1:], bool)
+        for r, (label, sigma) in enumerate(kinds):
+            for c, (img, mask) in enumerate([(original, none)] + list(zip(views, masks))):
+                ax = axes[r, c]
+                _show(ax, smoothed(img, sigma), mask)
+                if r == 0:
+                    ax.set_title(f"input #{sid}" if c == 0 else f"view {c}", fontsize=7.5, pad=2)
+                if r == len(kinds) - 1 and c > 0:
+                    ax.set_xlabel(f"Δ {change[c - 1]:.2f}", fontsize=7, labelpad=2)
+            axes[r, 0].set_ylabel(label, fontsize=7)
+            for spine in axes[r, 0].spines.values():
+                spine.set_visible(True)
+                spine.set_color(PALETTE[3])
+                spine.set_linewidth(2)
+        fig.legend(handles=[matplotlib.patches.Patch(color=FILL, label="filled in (outside the moved frame)")],
+                   loc="outside lower right", frameon=False, fontsize=7)
+        how = str(g.attrs.get("transforms", "")).split("(")[0]
+        fig.suptitle(f"Example #{sid} and {len(views)} of its {g.attrs.get('n_aug', '?')} augmented views"
+                     + (f" ({how})" if how else "")
+                     + "\nΔ: RMS change from the input / the input's s.d. (√2 ≈ 1.41: as far as an unrelated image)",
+                     fontsize=8)
     return fig
 
 

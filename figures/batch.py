@@ -100,6 +100,7 @@ def render_runs(paths, out_dir, formats=FORMATS, names=None, params=None, look: 
         prefix = "" if single else f"{label}/"
         result.update({prefix + k: v for k, v in sub.items()})
         result.failed.update({prefix + k: v for k, v in sub.failed.items()})
+        result.skipped.update({prefix + k: v for k, v in sub.skipped.items()})
     if not single:
         ana, _ = split_params(params or {})
         comps = [c for c in COMPARISONS.values() if wanted is None or c.name in wanted]

@@ -8,7 +8,7 @@ import numpy as np
 from dynascope import analysis
 from dynascope.analysis.run import Run
 
-from .registry import register_figure
+from .registry import CLASS_LABELS, PER_TARGET, register_figure
 from .style import TEST, TRAIN, class_color, integer_axis, figure_style
 
 PROBE = "#009E73"
@@ -50,7 +50,7 @@ def training_curves(run: Run):
     return fig
 
 
-@register_figure("class_curves", needs=("train/logits",))
+@register_figure("class_curves", needs=("train/logits",), tasks=CLASS_LABELS)
 def class_curves(run: Run, columns: int = 5):
     """Accuracy of each class per epoch, one small panel per class: training presentations
     (solid) and held-out passes (dashed), so each class's train/held-out pair reads at a
@@ -88,7 +88,7 @@ def class_curves(run: Run, columns: int = 5):
     return fig
 
 
-@register_figure("loss_trajectories", needs=("train",))
+@register_figure("loss_trajectories", needs=("train",), tasks=PER_TARGET)
 def loss_trajectories(run: Run, per_class: int = 12, seed: int = 0):
     """Per-example loss over training, a panel per class (thin lines: examples; thick: mean)."""
     source = "probe" if run.has("probe") and run.probe.sizes.get("probe", 0) > 1 else "train"

@@ -13,7 +13,7 @@ from matplotlib.colors import BoundaryNorm, ListedColormap, LogNorm, TwoSlopeNor
 from dynascope import analysis
 from dynascope.analysis.run import Run
 
-from .registry import register_figure
+from .registry import CLASS_LABELS, register_figure
 from .style import DECREASE, DIVERGING_CMAP, INCREASE, PALETTE, TEST, TRAIN, class_color, integer_axis, figure_style
 
 FORGET_CMAP = "Reds"  # single-hue: intensity reads the same under colour-vision deficiencies
@@ -106,7 +106,7 @@ def difficulty_evolution(run: Run, source: str = "train"):
     return fig
 
 
-@register_figure("accuracy_evolution", needs=("probe/logits", "eval/logits"))
+@register_figure("accuracy_evolution", needs=("probe/logits", "eval/logits"), tasks=CLASS_LABELS)
 def accuracy_evolution(run: Run):
     """The generalisation gap on comparable quantities: probe-subset accuracy (training labels)
     and held-out accuracy of the same model after the same training step, the gap (probe minus

@@ -9,7 +9,7 @@ from dynascope.analysis import features as F
 from dynascope.analysis.correlation import mean_abs
 from dynascope.analysis.run import Run
 
-from .registry import register_figure
+from .registry import PER_TARGET, register_figure
 from .style import DIVERGING_CMAP, PALETTE, SEQUENTIAL_CMAP, integer_axis, mark_blocks, figure_style
 
 NEEDS = ("activations",)
@@ -227,7 +227,7 @@ def feature_correlation(run: Run, layers=None, probe: int = -1, max_units: int =
     return fig
 
 
-@register_figure("sample_correlation", needs=NEEDS + ("probe/target",))
+@register_figure("sample_correlation", needs=NEEDS + ("probe/target",), tasks=PER_TARGET)
 def sample_correlation(run: Run, layers=None, probe: int = -1, max_examples: int = 120):
     """Example-example correlation of activation vectors within chosen layers, grouped by class."""
     names = _chosen(run, layers)

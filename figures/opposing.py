@@ -15,7 +15,7 @@ from dynascope.analysis.opposing import cosine_histogram, loss_change_outliers
 from dynascope.analysis.run import Run
 
 from .montage import example_images
-from .registry import register_figure
+from .registry import CLASS_LABELS, PER_TARGET, register_figure
 from .smooth import centred_mean
 from .style import DECREASE, INCREASE, PALETTE, SEQUENTIAL_CMAP, TRAIN, integer_axis, figure_style
 
@@ -28,7 +28,7 @@ def _names(run: Run, classes) -> list[str]:
     return [names[int(c)] if 0 <= int(c) < len(names) else str(c) for c in classes]
 
 
-@register_figure("opposing_pairs_over_time", needs=NEEDS)
+@register_figure("opposing_pairs_over_time", needs=NEEDS, tasks=CLASS_LABELS)
 def opposing_pairs_over_time(run: Run, **params):
     """Number of opposing pairs and of examples involved at each probe pass."""
     r = analysis.opposing_pairs(run, **params)
@@ -46,7 +46,7 @@ def opposing_pairs_over_time(run: Run, **params):
     return fig
 
 
-@register_figure("opposing_class_matrix", needs=NEEDS)
+@register_figure("opposing_class_matrix", needs=NEEDS, tasks=CLASS_LABELS)
 def opposing_class_matrix(run: Run, **params):
     """Which class pairs oppose: opposing-pair counts summed over all probe passes."""
     r = analysis.opposing_pairs(run, **params)
@@ -72,7 +72,7 @@ def opposing_class_matrix(run: Run, **params):
     return fig
 
 
-@register_figure("gradient_cosine_histogram", needs=NEEDS)
+@register_figure("gradient_cosine_histogram", needs=NEEDS, tasks=CLASS_LABELS)
 def gradient_cosine_histogram(run: Run, probes=-1, bins: int = 80):
     """Distribution of pairwise gradient cosines, same- vs cross-class, with the opposing_pairs
     threshold (as saved or set with --param opposing_pairs.cos_threshold)."""
@@ -99,7 +99,7 @@ def _interval_with_largest_moves(o) -> int:
     return int(np.nanargmax(spread))
 
 
-@register_figure("loss_change_bars", needs=("probe/loss",))
+@register_figure("loss_change_bars", needs=("probe/loss",), tasks=PER_TARGET)
 def loss_change_bars(run: Run, interval: int | None = None, top: int = 15, z: float = 3.5):
     """The largest per-example loss increases (red) and decreases (green) between two
     probe passes, and the distribution of all loss changes with outliers highlighted."""
@@ -138,7 +138,7 @@ def loss_change_bars(run: Run, interval: int | None = None, top: int = 15, z: fl
     return fig
 
 
-@register_figure("opposing_gradient_norms", needs=NEEDS)
+@register_figure("opposing_gradient_norms", needs=NEEDS, tasks=CLASS_LABELS)
 def opposing_gradient_norms(run: Run, **params):
     """Per-example gradient norms of examples in opposing pairs vs all other examples."""
     r = analysis.opposing_pairs(run, **params)
@@ -212,7 +212,7 @@ def _groups(run, params):
     return analysis.opposing_groups(run, **params)
 
 
-@register_figure("opposing_group_trajectories", needs=("probe/grad_proj", "probe/loss"))
+@register_figure("opposing_group_trajectories", needs=("probe/grad_proj", "probe/loss"), tasks=CLASS_LABELS)
 def opposing_group_trajectories(run: Run, max_pairs: int = 2, **params):
     """Loss of the strongest opposing group pairs over training, and the training loss with
     the steps of strongest oscillation marked."""
@@ -254,7 +254,7 @@ def opposing_group_trajectories(run: Run, max_pairs: int = 2, **params):
     return fig
 
 
-@register_figure("opposing_examples_montage", needs=("probe/grad_proj", "probe/loss", "examples/image"))
+@register_figure("opposing_examples_montage", needs=("probe/grad_proj", "probe/loss", "examples/image"), tasks=CLASS_LABELS)
 def opposing_examples_montage(run: Run, per_group: int = 8, pairs: bool = False, **params):
     """Thumbnails of the strongest opposing group pair (one row per group), or with
     pairs=True of the most opposing example pairs (two images per pair, side by side)."""

@@ -199,41 +199,6 @@ def gradient_sign_heatmap(run: Run, eps: float = 1e-5, max_columns: int = 1600, 
     return fig
 
 
-@register_figure("gradient_sign_heatmap_zoom", needs=("snapshots",))
-def gradient_sign_heatmap_zoom(run: Run, eps: float = 1e-5, start: int | None = None, width: int = 300,
-                               near_zero_only: bool = False):
-    """Zoom into `width` consecutive gradient components of the sign heatmap, one column each."""
-    signs = analysis.gradient_signs(run, eps=eps, near_zero_only=near_zero_only)
-    n = signs.sizes["index"]
-    starts, names = signs["param_start"].values, signs["param_name"].values
-    if start is None:  # default: the start of the last tensor wide enough (the output layer's weights)
-        sizes = np.diff(np.append(starts, n))
-        wide = np.flatnonzero(sizes >= width)
-        start = int(starts[wide[-1]]) if wide.size else 0
-    start = int(min(max(0, start), max(0, n - width)))
-    stop = min(n, start + width)
-    img = signs["sign"].values[:, start:stop]
-    inside = [str(nm) for s0, s1, nm in zip(starts, np.append(starts[1:], n), names) if s0 < stop and s1 > start]
-    with figure_style():
-        fig, ax = plt.subplots(figsize=(8.0, 3.6))
-        im = ax.imshow(img, aspect="auto", cmap=SIGN_LEVELS, vmin=-1.5, vmax=1.5, interpolation="nearest",
-                       extent=(start - 0.5, stop - 0.5, img.shape[0] - 0.5, -0.5))
-        _rows_axis(ax, signs)
-        for s0 in starts:
-            if start < s0 < stop:
-                ax.axvline(s0 - 0.5, color="0.15", lw=0.8)
-        ax.set_xlabel("gradient component index (flattened, first to last layer)")
-        ax.ticklabel_format(axis="x", style="plain", useOffset=False)
-        cb = fig.colorbar(im, ax=ax, ticks=[-1, 0, 1], fraction=0.04, pad=0.02)
-        small = f"|g| ≤ {fmt_threshold(eps)}"
-        if near_zero_only:
-            cb.ax.set_yticklabels([f"g < 0, {small}", f"|g| > {fmt_threshold(eps)}", f"g > 0, {small}"])
-        else:
-            cb.ax.set_yticklabels(["g < 0", small, "g > 0"])
-        ax.set_title(f"Gradient signs of {', '.join(inside)}: components {start:,}–{stop - 1:,}")
-    return fig
-
-
 @register_figure("curvature_classes", needs=("params/secant_dot",))
 def curvature_classes(run: Run, window: int = 50):
     """Minimum- vs maximum-like steps from the secant curvature, overall and per tensor by epoch."""

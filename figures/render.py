@@ -23,11 +23,13 @@ from .style import FORMATS, Look, current_look, fit_width, looking, save_figure
 
 
 class Rendered(dict):
-    """{figure name: written paths}, with `.failed` = {figure name: one-line reason}."""
+    """{figure name: written paths}, with `.failed` = {figure name: one-line reason} and
+    `.skipped` = {figure name: why it does not apply to the run} (not an error)."""
 
     def __init__(self):
         super().__init__()
         self.failed: dict[str, str] = {}
+        self.skipped: dict[str, str] = {}
 
 
 def figure_parameters(name: str) -> dict:
@@ -110,9 +112,11 @@ def render_all(run: Run | str | Path, out_dir: str | Path, formats=FORMATS, name
     entries = [e for e in available_figures(run)
                if (names is None or e.name in names) and (animations or e.kind != "animation")]
     out = Rendered()
-    for name in sorted(set(names or ()) - {e.name for e in entries}):
-        out.failed[name] = f"the run lacks {', '.join(FIGURES[name].needs)}" if FIGURES[name].kind == "figure" \
-            or animations else "animations are off"
+    for name in sorted(set(names or ()) - {e.name for e in entries}):   # asked for by name: an error
+        out.failed[name] = FIGURES[name].skip_reason(run) or "animations are off"
+    if names is None:
+        out.skipped = {e.name: e.skip_reason(run) for e in FIGURES.values()
+                       if (animations or e.kind != "animation") and not e.available(run)}
     for entry in tqdm(entries, desc="figures", unit="fig", disable=not progress, file=sys.stderr):
         try:
             out[entry.name] = render_figure(run, entry.name, out_dir, formats, params=ana, look=look,

@@ -160,7 +160,8 @@ SECTIONS = {"run": "Run", "training": "Training", "opposing": "Opposing signals"
             "dynamics": "Example dynamics", "features": "Features", "optimisation": "Optimisation"}
 MODULE_SECTION = {"dynascope.figures.curves": "training", "dynascope.figures.dynamics": "dynamics", "dynascope.figures.opposing": "opposing",
                   "dynascope.figures.features": "features", "dynascope.figures.augmentation": "features",
-                  "dynascope.figures.optimization": "optimisation", "dynascope.figures.animations": "dynamics"}
+                  "dynascope.figures.optimization": "optimisation", "dynascope.figures.sign_zoom": "optimisation",
+                  "dynascope.figures.animations": "dynamics"}
 FIGURE_SECTION = {"accuracy_evolution": "training", "training_animation": "training"}
 # findings (registered one-line summaries) shown at the top of each section
 FINDINGS = {"training": ("generalisation_gap",), "opposing": ("opposing_pairs", "opposing_groups",

@@ -99,3 +99,13 @@ def test_every_image_loads_in_headless_chromium(report, tmp_path):
                           f"--user-data-dir={tmp_path / 'profile'}", "--virtual-time-budget=10000", "--dump-dom",
                           probe.as_uri()], capture_output=True, text=True, timeout=120)
     assert '"figures/missing.png"' in out.stdout
+
+
+def test_every_figure_module_has_a_report_section():
+    from dynascope.figures.registry import FIGURES
+    from dynascope.figures.report import FIGURE_SECTION, MODULE_SECTION, section_of
+
+    unplaced = [e.name for e in FIGURES.values()
+                if e.name not in FIGURE_SECTION and e.func.__module__ not in MODULE_SECTION]
+    assert not unplaced   # a figure in a new module would otherwise fall into "Example dynamics"
+    assert section_of(FIGURES["gradient_sign_heatmap_zoom"]) == "optimisation"
