@@ -199,7 +199,7 @@ def _echo_written(written, out) -> None:
         click.echo(f"{name}: {', '.join(str(p) for p in paths)}")
     click.echo(f"wrote {files} file(s) for {len(written)} figure(s) in {out}"
                + (f"; {len(written.failed)} failed" if written.failed else "")
-               + (f"; {len(written.skipped)} skipped (not defined for this run)" if written.skipped else ""))
+               + (f"; {len(written.skipped)} skipped (not available for this run: reason per figure below)" if written.skipped else ""))
     for name, why in written.skipped.items():
         click.echo(f"  skipped {name}: {why}")
     for name, why in written.failed.items():
