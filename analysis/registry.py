@@ -24,6 +24,16 @@ def _has(run: Run, need: str) -> bool:
     return run.has(group, var or None)
 
 
+def skip_reason(run: Run, tasks, needs) -> str | None:
+    """Why something defined for `tasks` and needing `needs` does not apply to `run` (None
+    when it does); shared by the analysis and figure registries."""
+    if run.task not in tasks:
+        return f"defined for {' and '.join(tasks)} runs; this run is {run.task}"
+    if not run_has_all(run, needs):
+        return f"run lacks {', '.join(needs)}"
+    return None
+
+
 def run_has_all(run: Run, needs) -> bool:
     """Whether the run holds every "group" or "group/variable" in `needs`; a need written
     "a|b" is met by either (sequence runs store token statistics where others store logits)."""
@@ -44,11 +54,7 @@ class AnalysisEntry:
 
     def skip_reason(self, run: Run) -> str | None:
         """Why the analysis does not apply to `run` (None when it does)."""
-        if run.task not in self.tasks:
-            return f"defined for {' and '.join(self.tasks)} runs; this run is {run.task}"
-        if not run_has_all(run, self.needs):
-            return f"run lacks {', '.join(self.needs)}"
-        return None
+        return skip_reason(run, self.tasks, self.needs)
 
 
 ANALYSES: dict[str, AnalysisEntry] = {}

@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
-from dynascope.analysis.registry import TASKS, first_paragraph, run_has_all
+from dynascope.analysis.registry import TASKS, first_paragraph, skip_reason
 from dynascope.analysis.run import Run
 
 
@@ -30,11 +30,7 @@ class FigureEntry:
 
     def skip_reason(self, run: Run) -> str | None:
         """Why the figure cannot be drawn for `run` (None when it can)."""
-        if run.task not in self.tasks:
-            return f"defined for {' and '.join(self.tasks)} runs; this run is {run.task}"
-        if not run_has_all(run, self.needs):
-            return f"run lacks {', '.join(self.needs)}"
-        return None
+        return skip_reason(run, self.tasks, self.needs)
 
 
 FIGURES: dict[str, FigureEntry] = {}
