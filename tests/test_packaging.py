@@ -43,3 +43,25 @@ def test_a_users_own_analysis_and_figures_modules_do_not_collide(tmp_path):
                          timeout=300)
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == ["user", "analysis", "user", "figures", "True", "True", "module"]
+
+
+def test_every_relative_import_names_a_module_that_exists():
+    """Lazy imports inside functions run only on some paths (the driver's augmentation pass,
+    for one), so check statically that each `from .x import` / `from ..x import` resolves."""
+    import ast
+
+    missing = []
+    for folder in FOLDERS:
+        for f in (ROOT / folder).rglob("*.py"):
+            for node in ast.walk(ast.parse(f.read_text())):
+                if not isinstance(node, ast.ImportFrom) or not node.level:
+                    continue
+                base = f.parent
+                for _ in range(node.level - 1):
+                    base = base.parent
+                names = [node.module] if node.module else [a.name for a in node.names]
+                for name in names:
+                    target = base.joinpath(*name.split("."))
+                    if not (target.with_suffix(".py").exists() or (target / "__init__.py").exists()):
+                        missing.append(f"{f.relative_to(ROOT)}:{node.lineno}: {'.' * node.level}{name}")
+    assert not missing, missing

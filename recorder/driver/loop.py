@@ -260,7 +260,7 @@ def record_run(cfg: TrainConfig, progress: bool = True) -> Path:
                 bar.update(1)
         bar.close()
         if augment_ids:
-            from .augment import record_augmentation_variance
+            from ..augment import record_augmentation_variance
 
             record_augmentation_variance(rec, model, bundle.train, augment_ids,
                                          n_aug=cfg.augment_n, layers=_split(cfg.activations) or None,
