@@ -67,6 +67,14 @@ class Dense:
     def width(self) -> int:
         return self.t.shape[-1]
 
+    @property
+    def batch(self) -> int:
+        return self.t.shape[0]
+
+    @property
+    def positions(self) -> int:
+        return self.t.shape[1]
+
     def dense(self) -> torch.Tensor:
         return self.t
 
@@ -85,6 +93,14 @@ class OneHot:
     @property
     def width(self) -> int:
         return self.n
+
+    @property
+    def batch(self) -> int:
+        return self.idx.shape[0]
+
+    @property
+    def positions(self) -> int:
+        return self.idx.shape[1]
 
     def dense(self) -> torch.Tensor:  # only used by tests / tiny vocabularies
         return F.one_hot(self.idx, self.n).float()
@@ -175,13 +191,13 @@ class Factored:
 
     def sq_norm(self) -> torch.Tensor:
         if self._use_ghost():
-            return self._ghost(sum(self._positions(l) for l, _ in self.calls))
+            return self._ghost(sum(l.positions for l, _ in self.calls))
         return self._direct()
 
     def _use_ghost(self) -> bool:
         if any(isinstance(l, OneHot) for l, _ in self.calls):
             return True
-        T = sum(self._positions(l) for l, _ in self.calls)
+        T = sum(l.positions for l, _ in self.calls)
         return T * (self.out_features + self.in_features) < self.out_features * self.in_features
 
     def _is_conv(self) -> bool:
@@ -192,7 +208,7 @@ class Factored:
 
     def _direct(self) -> torch.Tensor:
         B = self._batch()
-        T = sum(self._positions(l) for l, _ in self.calls)
+        T = sum(l.positions for l, _ in self.calls)
         out = []
         per_example = max(self.out_features * self.in_features, T * (self.out_features + self.in_features))
         if self._is_conv():
@@ -225,12 +241,7 @@ class Factored:
         return torch.cat(out)
 
     def _batch(self) -> int:
-        left = self.calls[0][0]
-        return (left.idx if isinstance(left, OneHot) else left.t).shape[0]
-
-    @staticmethod
-    def _positions(left) -> int:
-        return (left.idx if isinstance(left, OneHot) else left.t).shape[1]
+        return self.calls[0][0].batch
 
 
 @dataclass

@@ -22,10 +22,6 @@ from .factors import CHUNK_ELEMS, GROUPED_EXAMPLES, OneHot, _chunks
 DIRECT_KEEP_ELEMS = 1 << 26
 
 
-def _positions(left) -> int:
-    return (left.idx if isinstance(left, OneHot) else left.t).shape[1]
-
-
 def _left_cross(a, sa: slice, b) -> torch.Tensor:
     """(b_a T_a, B T_b) inner products of left factor rows of examples sa against all of b."""
     if isinstance(a, OneHot) and isinstance(b, OneHot):
@@ -42,7 +38,7 @@ def _left_cross(a, sa: slice, b) -> torch.Tensor:
 
 def ghost_gram(calls: list, batch: int) -> torch.Tensor:
     """(B, B) sum over call pairs and position pairs of the left and right inner products."""
-    T = sum(_positions(l) for l, _ in calls)
+    T = sum(l.positions for l, _ in calls)
     if len(calls) == 1 and T == 1 and not isinstance(calls[0][0], OneHot):
         (l, r), = calls
         u, v = l.t[:, 0], r.rows(slice(None))[:, 0]
@@ -54,10 +50,10 @@ def ghost_gram(calls: list, batch: int) -> torch.Tensor:
         sa = slice(a0, min(batch, a0 + step))
         block = None
         for (la, _), va in zip(calls, rights):
-            Ta = _positions(la)
+            Ta = la.positions
             ra = va[sa].reshape(-1, va.shape[-1])
             for (lb, _), vb in zip(calls, rights):
-                Tb = _positions(lb)
+                Tb = lb.positions
                 m = _left_cross(la, sa, lb) * (ra @ vb.reshape(-1, vb.shape[-1]).t())
                 m = m.view(-1, Ta, batch, Tb).sum((1, 3))
                 block = m if block is None else block + m
@@ -66,12 +62,12 @@ def ghost_gram(calls: list, batch: int) -> torch.Tensor:
 
 
 def ghost_cost(calls: list, batch: int, out_f: int, in_f: int) -> int:
-    T = sum(_positions(l) for l, _ in calls)
+    T = sum(l.positions for l, _ in calls)
     return batch * batch * T * T * (out_f + in_f)
 
 
 def direct_cost(calls: list, batch: int, out_f: int, in_f: int) -> int:
-    T = sum(_positions(l) for l, _ in calls)
+    T = sum(l.positions for l, _ in calls)
     return batch * T * out_f * in_f + batch * batch * out_f * in_f
 
 

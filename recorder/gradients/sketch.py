@@ -50,7 +50,7 @@ def sketch_calls(calls: list, batch: int, hs: tuple, K: int) -> torch.Tensor:
     h1, s1, h2, s2 = hs
     out = None
     for left, right in calls:
-        T = (left.idx if isinstance(left, OneHot) else left.t).shape[1]
+        T = left.positions
         width = right.width
         per = T * (K + width + (0 if isinstance(left, OneHot) else left.width))
         step = max(1, CHUNK_ELEMS // max(1, per))
@@ -83,7 +83,7 @@ def sketch_cost(calls: list, batch: int, K: int) -> int:
     """Rough multiply-adds of sketch_calls (for choosing it against forming G)."""
     total = 0
     for left, right in calls:
-        T = (left.idx if isinstance(left, OneHot) else left.t).shape[1]
+        T = left.positions
         if isinstance(left, OneHot):
             total += batch * T * right.width
         else:
