@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 from torch.func import functional_call, grad, vmap
 
 from dynascope.recorder.extensions import BatchContext
@@ -87,3 +88,20 @@ def check(model, x, y, loss_fn=token_loss, method="func", tol=1e-4, ext=None, **
         errs["gram"] = ((g - gram_ref.double()).abs().max() / gram_ref.double().abs().max()).item()
     assert max(errs.values()) <= tol, errs
     return ext, cols, errs
+
+
+class TinyLM(nn.Module):
+    """A one-block causal transformer LM with token and arange positional embeddings: the
+    sequence-run tests' model (recording, analyses, figures)."""
+
+    def __init__(self, vocab=13, dim=8, length=7):
+        super().__init__()
+        self.tok = nn.Embedding(vocab, dim)
+        self.pos = nn.Embedding(length, dim)
+        self.block = nn.TransformerEncoderLayer(dim, 2, 16, dropout=0.0, batch_first=True)
+        self.head = nn.Linear(dim, vocab)
+
+    def forward(self, x):
+        t = x.shape[1]
+        mask = nn.Transformer.generate_square_subsequent_mask(t)
+        return self.head(self.block(self.tok(x) + self.pos(torch.arange(t)), src_mask=mask, is_causal=True))

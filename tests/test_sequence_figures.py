@@ -3,10 +3,8 @@ written, and those that need one target per example or class labels are skipped 
 reason (not a KeyError and exit 1)."""
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 from click.testing import CliRunner
 
@@ -15,23 +13,10 @@ from dynascope.cli import main
 from dynascope.figures.registry import FIGURES
 from dynascope.figures.render import render_all
 from dynascope.recorder import Recorder
+from seq_helpers import TinyLM
 
 IGNORE = -100
 torch.set_num_threads(1)
-
-
-class TinyLM(nn.Module):
-    def __init__(self, vocab=13, dim=8, length=7):
-        super().__init__()
-        self.tok = nn.Embedding(vocab, dim)
-        self.pos = nn.Embedding(length, dim)
-        self.block = nn.TransformerEncoderLayer(dim, 2, 16, dropout=0.0, batch_first=True)
-        self.head = nn.Linear(dim, vocab)
-
-    def forward(self, x):
-        t = x.shape[1]
-        mask = nn.Transformer.generate_square_subsequent_mask(t)
-        return self.head(self.block(self.tok(x) + self.pos(torch.arange(t)), src_mask=mask, is_causal=True))
 
 
 def _loss(z, y):

@@ -9,11 +9,11 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-import xarray as xr
 
 from dynascope import analysis
 from dynascope.recorder import Recorder
 from dynascope.recorder.sequence import SequenceOptions, token_stats
+from seq_helpers import TinyLM
 
 IGNORE = -100
 
@@ -54,20 +54,6 @@ def _reference(z: np.ndarray, y: np.ndarray) -> dict:
         for k, v in (("token_accuracy", acc), ("target_prob", pg), ("margin", mg), ("el2n", el)):
             out[k].append(np.mean(v) if v else np.nan)
     return {k: np.asarray(v) for k, v in out.items()}
-
-
-class TinyLM(nn.Module):
-    def __init__(self, vocab=13, dim=8, length=7):
-        super().__init__()
-        self.tok = nn.Embedding(vocab, dim)
-        self.pos = nn.Embedding(length, dim)
-        self.block = nn.TransformerEncoderLayer(dim, 2, 16, dropout=0.0, batch_first=True)
-        self.head = nn.Linear(dim, vocab)
-
-    def forward(self, x):
-        t = x.shape[1]
-        mask = nn.Transformer.generate_square_subsequent_mask(t)
-        return self.head(self.block(self.tok(x) + self.pos(torch.arange(t)), src_mask=mask, is_causal=True))
 
 
 def _lm_data(n=12, t=7, v=13, seed=0):
