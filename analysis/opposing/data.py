@@ -41,14 +41,18 @@ def _sketch(sub: xr.Dataset) -> np.ndarray:
     return G
 
 
+def _magnitudes(sub: xr.Dataset, G: np.ndarray) -> np.ndarray:
+    """The exact `grad_norm` when recorded, else the sketch's own norm (an estimate)."""
+    if "grad_norm" in sub:
+        return np.asarray(sub["grad_norm"].values, dtype=np.float64)
+    return np.linalg.norm(G, axis=-1).astype(np.float64)
+
+
 def probe_slice(ds: xr.Dataset, p: int) -> tuple[np.ndarray, np.ndarray]:
     """(G (N, D) float32, magnitudes (N,)) of probe pass p."""
-    G = _sketch(ds.isel(probe=p))
-    if "grad_norm" in ds:
-        mag = np.asarray(ds["grad_norm"].isel(probe=p).values, dtype=np.float64)
-    else:
-        mag = np.linalg.norm(G, axis=1).astype(np.float64)
-    return G, mag
+    sub = ds.isel(probe=p)
+    G = _sketch(sub)
+    return G, _magnitudes(sub, G)
 
 
 def train_chunks(ds: xr.Dataset, steps=None, chunk: int | None = None):
@@ -64,10 +68,7 @@ def train_chunks(ds: xr.Dataset, steps=None, chunk: int | None = None):
         G = _sketch(sub)
         ids = np.asarray(sub["example_id"].values)
         valid = (ids >= 0) & np.isfinite(G).all(-1)
-        if "grad_norm" in sub:
-            mag = np.asarray(sub["grad_norm"].values, dtype=np.float64)
-        else:
-            mag = np.linalg.norm(G, axis=-1).astype(np.float64)
+        mag = _magnitudes(sub, G)
         # sequence runs store no per-example target: -1 ("no label"), like padding
         tgt = np.asarray(sub["target"].values) if "target" in sub else np.full(ids.shape, -1)
         yield idx, G, valid, ids, tgt, mag
