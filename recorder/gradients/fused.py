@@ -117,7 +117,7 @@ def _per_example(ext, layer, call, x, g, weight, pad, one_d, has_bias):
             hs, cache = ext._hashes(layer, g.device)
             sketch = lambda f: sketch_flat(f, hs, ext.proj_total, cache)  # noqa: E731
         n = weight[0].numel()
-        direct = DirectSignals(patches.grads, x.shape[0], *layer.shape, keep_flat=ext._probe_collect)
+        direct = DirectSignals(patches.grad_parts, x.shape[0], *layer.shape, keep_flat=ext._probe_collect)
         sq, proj, gram, total = direct.run(sketch, ext._want_gram, want_sum=True)
         call[2]["fused"] = (sq, proj, gram)
         if ext._probe_collect:  # the probe pass's Gram pairs these with other batches later

@@ -87,18 +87,21 @@ class DirectSignals:
         keep = self.keep_flat or (gram and self.batch * self.n <= DIRECT_KEEP_ELEMS)
         kept, sq, proj, total = None, [], [], None
         for s in chunks:
-            G = self.grads(s)
-            flat = G.reshape(G.shape[0], -1)
+            parts = _parts(self.grads(s))
+            b = parts[0].shape[0]
+            flat = None
+            if keep or sketch is not None:
+                flat = _whole(parts).reshape(b, -1)
             if keep:  # written in place: the batch's F is one buffer, no concatenation
                 if kept is None:
                     kept = flat.new_empty(self.batch, self.n)
                 kept[s] = flat
                 flat = kept[s]
             if want_sum:
-                part = G.sum(0)
+                part = _whole([p.sum(0, keepdim=True) for p in parts])[0]
                 total = part if total is None else total + part
             if not (keep and gram):  # else the Gram's diagonal
-                sq.append(flat.square().sum(1))
+                sq.append(_sq_norms(parts) if flat is None else flat.square().sum(1))
             if sketch is not None:
                 proj.append(sketch(flat))
         gm = None
@@ -113,7 +116,7 @@ class DirectSignals:
         every other block recomputed (memory two blocks, compute ~ (B / block) passes)."""
         step = max(1, DIRECT_KEEP_ELEMS // (2 * self.n))
         blocks = [slice(a, min(self.batch, a + step)) for a in range(0, self.batch, step)]
-        form = (lambda s: torch.cat([self.grads(c).reshape(c.stop - c.start, -1)
+        form = (lambda s: torch.cat([_whole(_parts(self.grads(c))).reshape(c.stop - c.start, -1)
                                      for c in _sub(s, self.n)]))
         out = None
         for i, si in enumerate(blocks):
@@ -122,6 +125,25 @@ class DirectSignals:
             row = torch.cat(rows, 1)
             out = row if out is None else torch.cat([out, row])
         return out
+
+
+def _parts(grads) -> tuple:
+    """A chunk's per-example gradients as column blocks (grads may give one tensor)."""
+    return (grads,) if isinstance(grads, torch.Tensor) else tuple(grads)
+
+
+def _whole(parts) -> torch.Tensor:
+    return parts[0] if len(parts) == 1 else torch.cat(parts, 2)
+
+
+def _sq_norms(parts) -> torch.Tensor:
+    """Squared Frobenius norm per example, block by block: no concatenated copy, and no
+    squared temporary (a fused reduction, which reads a transposed block in place)."""
+    out = None
+    for p in parts:
+        n = torch.linalg.vector_norm(p, dim=tuple(range(1, p.dim()))).square()
+        out = n if out is None else out + n
+    return out
 
 
 def symmetric_gram(F: torch.Tensor, blocks: int = 4) -> torch.Tensor:

@@ -22,7 +22,9 @@ def layer_signals(g, hs: tuple | None, K: int, gram: bool, cache: dict | None = 
     B, o, i = g._batch(), g.out_features, g.in_features
     sketch = (lambda f: sketch_flat(f, hs, K, cache)) if hs else None
     if g._is_conv() and not g._use_ghost():
-        d = DirectSignals(lambda s: sum(r.grads(s) for _, r in g.calls), B, o, i)
+        grads = (g.calls[0][1].grad_parts if len(g.calls) == 1
+                 else lambda s: sum(r.grads(s) for _, r in g.calls))
+        d = DirectSignals(grads, B, o, i)
         sq, proj, gm, _ = d.run(sketch, gram)
         return sq, proj, gm
     if (hs or gram) and _direct_cheaper(g, B, o, i, bool(hs), gram, K):
