@@ -44,6 +44,19 @@ def test_conv2d(kw):
     check(m, torch.randn(6, 3, 9, 9), torch.randint(0, 5, (6,)), projection_dim=50)
 
 
+@pytest.mark.parametrize("H,kw", [(4, dict(padding=1)), (6, dict(padding=2, dilation=2, bias=False)),
+                                  (6, dict(padding=0))])
+def test_conv2d_ghost_from_pixel_gram(H, kw):
+    """Few positions, many channels: the norms take the ghost form, whose patch products come
+    from the pixel Gram (factors.Patches.position_gram) rather than from patches."""
+    torch.manual_seed(2)
+    m = nn.Sequential(nn.Conv2d(64, 64, 3, **kw), nn.ReLU(), nn.Flatten(), nn.LazyLinear(3))
+    x = torch.randn(6, 64, H, H)
+    m(x)  # materialise the lazy head
+    ext, _ = check(m, x, torch.randint(0, 3, (6,)), gram=False)
+    assert ext.layers[0].rule.form == "factored"
+
+
 def test_conv1d():
     torch.manual_seed(3)
     m = nn.Sequential(nn.Conv1d(2, 4, 3, stride=2, padding=1), nn.ReLU(),
@@ -70,17 +83,19 @@ def test_embedding_repeated_and_padding_indices():
     check(Emb(), idx, torch.randint(0, 4, (6,)), projection_dim=30)
 
 
-@pytest.mark.parametrize("norm", ["layer", "group", "bn-eval", "bn1d-eval"])
-def test_normalisation_affine(norm):
+@pytest.mark.parametrize("norm,H", [("layer", 5), ("group", 5), ("bn-eval", 5), ("bn1d-eval", 0),
+                                     # 16 x 16 positions: the batched-dot reduction (rules.py)
+                                     ("group", 16), ("bn-eval", 16)])
+def test_normalisation_affine(norm, H):
     torch.manual_seed(5)
     if norm == "bn1d-eval":
         m = nn.Sequential(nn.Linear(6, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 3))
         x = torch.randn(5, 6)
     else:
-        layer = {"layer": nn.LayerNorm([4, 5, 5]), "group": nn.GroupNorm(2, 4),
+        layer = {"layer": nn.LayerNorm([4, H, H]), "group": nn.GroupNorm(2, 4),
                  "bn-eval": nn.BatchNorm2d(4)}[norm]
-        m = nn.Sequential(nn.Conv2d(2, 4, 3, padding=1), layer, nn.ReLU(), nn.Flatten(), nn.Linear(100, 3))
-        x = torch.randn(5, 2, 5, 5)
+        m = nn.Sequential(nn.Conv2d(2, 4, 3, padding=1), layer, nn.ReLU(), nn.Flatten(), nn.Linear(4 * H * H, 3))
+        x = torch.randn(5, 2, H, H)
     if norm.startswith("bn"):
         with torch.no_grad():  # non-trivial running statistics
             m.train()(torch.randn(32, *x.shape[1:]) * 2 + 1)

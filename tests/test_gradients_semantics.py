@@ -107,13 +107,14 @@ def test_autocast_computes_in_float32():
     assert rel_err(cols["grad_proj"], proj) < 0.1
 
 
-def test_batchnorm_train_mode_shares_sum_to_batch_gradient():
+@pytest.mark.parametrize("H", [4, 16])  # 16 x 16 positions: the batched-dot reduction
+def test_batchnorm_train_mode_shares_sum_to_batch_gradient(H):
     """In train mode per-example BN gradients are coupled; what we record are each example's
     shares, which (weighted by w_i) must sum to the true batch gradient, projected."""
     torch.manual_seed(5)
     m = nn.Sequential(nn.Conv2d(2, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(),
-                      nn.Linear(4 * 16, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 3)).train()
-    x, y = torch.randn(6, 2, 4, 4), torch.randint(0, 3, (6,))
+                      nn.Linear(4 * H * H, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 3)).train()
+    x, y = torch.randn(6, 2, H, H), torch.randint(0, 3, (6,))
     ext = GradientExtension(projection_dim=128, gram=True).attach_model(m)
     cols = record(m, ext, x, y, reduce="mean")
     meta = ext.metadata()

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from .factors import CHUNK_ELEMS, GROUPED_EXAMPLES, OneHot, _chunks
+from .factors import CHUNK_ELEMS, OneHot, grouped_chunks
 
 #: float32 elements of per-example gradients kept for one F F^T (256 MiB); beyond it the
 #: Gram is built block by block, recomputing the other block's gradients
@@ -83,7 +83,7 @@ class DirectSignals:
 
     def run(self, sketch=None, gram: bool = False, want_sum: bool = False):
         """sketch: callable (b, n) -> (b, K) or None. Returns (sq, proj, gram, total)."""
-        chunks = list(_chunks(self.batch, self.n, GROUPED_EXAMPLES))
+        chunks = list(grouped_chunks(self.batch, self.n))
         keep = self.keep_flat or (gram and self.batch * self.n <= DIRECT_KEEP_ELEMS)
         kept, sq, proj, total = None, [], [], None
         for s in chunks:
@@ -161,5 +161,5 @@ def symmetric_gram(F: torch.Tensor, blocks: int = 4) -> torch.Tensor:
 
 
 def _sub(s: slice, n: int):
-    for c in _chunks(s.stop - s.start, n, GROUPED_EXAMPLES):
+    for c in grouped_chunks(s.stop - s.start, n):
         yield slice(s.start + c.start, s.start + c.stop)

@@ -215,15 +215,42 @@ class _AffineRule(Rule):
         for x, g, extra in calls:
             g = g.float()
             dims = self.reduce_dims(module, g)
-            red = (lambda t: t.sum(dims)) if dims else (lambda t: t)  # sum(()) would sum all
             parts = []
             if "weight" in params:
-                parts.append(red(g * self.normalized(module, x.float(), extra)).flatten(1))
+                parts.append(_sum_product(g, self.normalized(module, x.float(), extra), dims))
             if "bias" in params:
-                parts.append(red(g).flatten(1))
+                parts.append(_sum(g, dims))
             v = torch.cat(parts, 1)
             total = v if total is None else total + v
         return Vector(total)
+
+
+#: positions per (example, channel) from which a batched dot product beats multiply-then-sum
+#: on CPU (BatchNorm at 32x32: 4.6 vs 10.8 ms per 32 x 64 channels, one thread)
+DOT_POSITIONS = 256
+
+
+def _trailing(t: torch.Tensor, dims: tuple) -> bool:
+    return bool(dims) and dims == tuple(range(t.dim() - len(dims), t.dim())) and t.is_contiguous()
+
+
+def _sum(g: torch.Tensor, dims: tuple) -> torch.Tensor:
+    """(B, rest) sums of g over `dims` (a flattened last axis sums faster than two axes)."""
+    if _trailing(g, dims):
+        return g.reshape(*g.shape[:g.dim() - len(dims)], -1).sum(-1).flatten(1)
+    return (g.sum(dims) if dims else g).flatten(1)  # sum(()) would sum all
+
+
+def _sum_product(g: torch.Tensor, h: torch.Tensor, dims: tuple) -> torch.Tensor:
+    """(B, rest) sums of g * h over `dims`; for long trailing runs one batched dot product,
+    which never writes the g * h temporary."""
+    if _trailing(g, dims) and h.is_contiguous() and h.shape == g.shape:
+        lead = g.shape[:g.dim() - len(dims)]
+        T = g[(0,) * len(lead)].numel()
+        if T >= DOT_POSITIONS:
+            n = math.prod(lead)
+            return torch.bmm(h.reshape(n, 1, T), g.reshape(n, T, 1)).view(*lead).flatten(1)
+    return _sum(g * h, dims)
 
 
 @register_rule(nn.modules.batchnorm._BatchNorm)
