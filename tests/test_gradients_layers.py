@@ -48,12 +48,13 @@ def test_conv2d(kw):
                                   (6, dict(padding=0))])
 def test_conv2d_ghost_from_pixel_gram(H, kw):
     """Few positions, many channels: the norms take the ghost form, whose patch products come
-    from the pixel Gram (factors.Patches.position_gram) rather than from patches."""
+    from the pixel Gram (factors.Patches.position_gram) rather than from patches, and the
+    sketch is a TensorSketch of patches sketched in their own layout (sketch_columns)."""
     torch.manual_seed(2)
     m = nn.Sequential(nn.Conv2d(64, 64, 3, **kw), nn.ReLU(), nn.Flatten(), nn.LazyLinear(3))
     x = torch.randn(6, 64, H, H)
     m(x)  # materialise the lazy head
-    ext, _ = check(m, x, torch.randint(0, 3, (6,)), gram=False)
+    ext, _ = check(m, x, torch.randint(0, 3, (6,)), gram=False, projection_dim=64)
     assert ext.layers[0].rule.form == "factored"
 
 

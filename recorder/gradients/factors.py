@@ -33,6 +33,7 @@ CHUNK_ELEMS = 1 << 24
 #: convolution, 32 examples on one CPU thread: 13.8 ms in chunks of 3, 20 in 16, 28 in 32)
 GROUPED_EXAMPLES = 32
 GROUPED_ELEMS = 1 << 19
+FORMED_EXAMPLES = 16
 
 #: below this patch width (C·kh·kw) per-example conv gradients are patches + bmm: a grouped
 #: convolution with so few channels per group is slow (seed CNN conv1, 3 channels: ~7 ms vs
@@ -62,8 +63,14 @@ def _chunks(batch: int, per_example: int, most: int | None = None):
 
 
 def grouped_chunks(batch: int, per_example: int):
-    """Example chunks for forming per-example gradients of `per_example` elements each."""
+    """Example chunks for per-example convolution gradients of `per_example` elements each."""
     return _chunks(batch, per_example, max(1, min(GROUPED_EXAMPLES, GROUPED_ELEMS // max(1, per_example))))
+
+
+def formed_chunks(batch: int, per_example: int):
+    """Example chunks for per-example gradients formed from factors (a bmm per chunk, whose
+    per-call cost dominates below ~16 examples)."""
+    return _chunks(batch, per_example, FORMED_EXAMPLES)
 
 
 class Dense:
@@ -181,6 +188,16 @@ class Patches:
         if self.with_bias:
             parts.append(g.sum((2, 3)).unsqueeze(2))
         return tuple(parts)
+
+    def sketch_columns(self, s: slice, h: torch.Tensor, sign: torch.Tensor, K: int) -> torch.Tensor:
+        """(b, K, T) CountSketch of each patch of examples `s` (entry j to bucket h[j] with
+        sign sign[j]), scattered in the patch buffer's own (b, n, T) layout and signed in
+        place: no transposed copy and no signed temporary."""
+        cols = self._build(self.x[s])
+        cols.mul_(sign[:, None])
+        b, n, T = cols.shape
+        out = cols.new_zeros(b, K, T)
+        return out.scatter_add_(1, h[None, :, None].expand(b, n, T), cols)
 
     def position_gram(self, s: slice) -> torch.Tensor:
         """(b, T, T) inner products between the patches of each example in `s`. Where the

@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .factors import Patches, full_float32
+from .factors import Patches, full_float32, grouped_chunks
 from .gram import DirectSignals
 from .sketch import sketch_flat
 
@@ -117,7 +117,8 @@ def _per_example(ext, layer, call, x, g, weight, pad, one_d, has_bias):
             hs, cache = ext._hashes(layer, g.device)
             sketch = lambda f: sketch_flat(f, hs, ext.proj_total, cache)  # noqa: E731
         n = weight[0].numel()
-        direct = DirectSignals(patches.grad_parts, x.shape[0], *layer.shape, keep_flat=ext._probe_collect)
+        direct = DirectSignals(patches.grad_parts, x.shape[0], *layer.shape, keep_flat=ext._probe_collect,
+                               chunks=grouped_chunks)
         sq, proj, gram, total = direct.run(sketch, ext._want_gram, want_sum=True)
         call[2]["fused"] = (sq, proj, gram)
         if ext._probe_collect:  # the probe pass's Gram pairs these with other batches later

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from .factors import CHUNK_ELEMS, OneHot, grouped_chunks
+from .factors import CHUNK_ELEMS, OneHot, formed_chunks
 
 #: float32 elements of per-example gradients kept for one F F^T (256 MiB); beyond it the
 #: Gram is built block by block, recomputing the other block's gradients
@@ -76,14 +76,16 @@ class DirectSignals:
     chunks by `grads(slice) -> (b, out, in)`: G is formed once per chunk, never for the batch
     unless the Gram needs it and it fits DIRECT_KEEP_ELEMS."""
 
-    def __init__(self, grads, batch: int, out_f: int, in_f: int, keep_flat: bool = False):
+    def __init__(self, grads, batch: int, out_f: int, in_f: int, keep_flat: bool = False,
+                 chunks=formed_chunks):
         self.grads, self.batch, self.n = grads, batch, out_f * in_f
+        self.chunks = chunks  # (batch, per-example elements) -> example slices
         self.keep_flat = keep_flat  # keep the batch's F (a probe pass's Gram needs it later)
         self.kept = None
 
     def run(self, sketch=None, gram: bool = False, want_sum: bool = False):
         """sketch: callable (b, n) -> (b, K) or None. Returns (sq, proj, gram, total)."""
-        chunks = list(grouped_chunks(self.batch, self.n))
+        chunks = list(self.chunks(self.batch, self.n))
         keep = self.keep_flat or (gram and self.batch * self.n <= DIRECT_KEEP_ELEMS)
         kept, sq, proj, total = None, [], [], None
         for s in chunks:
@@ -111,13 +113,17 @@ class DirectSignals:
         self.kept = kept
         return sq, (torch.cat(proj) if sketch is not None else None), gm, total
 
+    def _sub(self, s: slice):
+        for c in self.chunks(s.stop - s.start, self.n):
+            yield slice(s.start + c.start, s.start + c.stop)
+
     def _gram(self) -> torch.Tensor:
         """Block by block when the batch's gradients do not fit: row block I formed once,
         every other block recomputed (memory two blocks, compute ~ (B / block) passes)."""
         step = max(1, DIRECT_KEEP_ELEMS // (2 * self.n))
         blocks = [slice(a, min(self.batch, a + step)) for a in range(0, self.batch, step)]
         form = (lambda s: torch.cat([_whole(_parts(self.grads(c))).reshape(c.stop - c.start, -1)
-                                     for c in _sub(s, self.n)]))
+                                     for c in self._sub(s)]))
         out = None
         for i, si in enumerate(blocks):
             Fi = form(si)
@@ -158,8 +164,3 @@ def symmetric_gram(F: torch.Tensor, blocks: int = 4) -> torch.Tensor:
         out[a:a + step, a:] = blk
         out[a:, a:a + step] = blk.t()
     return out
-
-
-def _sub(s: slice, n: int):
-    for c in grouped_chunks(s.stop - s.start, n):
-        yield slice(s.start + c.start, s.start + c.stop)

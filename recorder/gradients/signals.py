@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import torch
 
-from .factors import Factored, OneHot, Vector
+from .factors import Factored, OneHot, Vector, grouped_chunks
 from .gram import DirectSignals, direct_cost, ghost_cost, ghost_gram
 from .sketch import count_sketch, sketch_calls, sketch_cost, sketch_flat
 
@@ -24,7 +24,7 @@ def layer_signals(g, hs: tuple | None, K: int, gram: bool, cache: dict | None = 
     if g._is_conv() and not g._use_ghost():
         grads = (g.calls[0][1].grad_parts if len(g.calls) == 1
                  else lambda s: sum(r.grads(s) for _, r in g.calls))
-        d = DirectSignals(grads, B, o, i)
+        d = DirectSignals(grads, B, o, i, chunks=grouped_chunks)
         sq, proj, gm, _ = d.run(sketch, gram)
         return sq, proj, gm
     if (hs or gram) and _direct_cheaper(g, B, o, i, bool(hs), gram, K):

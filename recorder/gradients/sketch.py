@@ -57,13 +57,15 @@ def sketch_calls(calls: list, batch: int, hs: tuple, K: int) -> torch.Tensor:
         parts = []
         for a in range(0, batch, step):
             s = slice(a, min(batch, a + step))
-            v = right.rows(s)
             if isinstance(left, OneHot):
-                parts.append(_onehot(left.idx[s], v, hs, K))
+                parts.append(_onehot(left.idx[s], right.rows(s), hs, K))
+                continue
+            cu = torch.fft.rfft(count_sketch(left.rows(s), h1, s1, K))
+            if hasattr(right, "sketch_columns"):  # patches: sketched in their own layout
+                cv = torch.fft.rfft(right.sketch_columns(s, h2, s2, K), dim=1).transpose(1, 2)
             else:
-                cu = torch.fft.rfft(count_sketch(left.rows(s), h1, s1, K))
-                cv = torch.fft.rfft(count_sketch(v, h2, s2, K))
-                parts.append(torch.fft.irfft((cu * cv).sum(1), n=K))
+                cv = torch.fft.rfft(count_sketch(right.rows(s), h2, s2, K))
+            parts.append(torch.fft.irfft((cu * cv).sum(1), n=K))
         p = torch.cat(parts)
         out = p if out is None else out + p
     return out
