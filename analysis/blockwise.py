@@ -77,14 +77,20 @@ class PerExample:
         return len(self.examples)
 
 
-def _row_blocks(train) -> Iterator[tuple[int, object, np.ndarray, np.ndarray]]:
-    """(first step, rows, example ids, targets) of each block of whole zarr chunks."""
+def step_blocks(train) -> list[slice]:
+    """Slices of about `BLOCK_CELLS` presentations of the train table, in whole zarr chunks."""
     rows, slots = train.sizes["step"], max(1, train.sizes.get("slot", 1))
     chunks = train["example_id"].chunks
     chunk = chunks[0][0] if chunks else rows
-    per = max(chunk, BLOCK_CELLS // slots // max(chunk, 1) * chunk)
-    for start in range(0, rows, per):
-        sub = train.isel(step=slice(start, min(rows, start + per)))
+    per = max(chunk, BLOCK_CELLS // slots // max(chunk, 1) * chunk, 1)
+    return [slice(start, min(rows, start + per)) for start in range(0, rows, per)]
+
+
+def _row_blocks(train) -> Iterator[tuple[int, object, np.ndarray, np.ndarray]]:
+    """(first step, rows, example ids, targets) of each block of whole zarr chunks."""
+    for rows in step_blocks(train):
+        start = rows.start
+        sub = train.isel(step=rows)
         ids = sub["example_id"].values
         target = sub["target"].values if "target" in sub else np.full(ids.shape, -1)
         yield start, sub, ids, target

@@ -111,6 +111,27 @@ def previous_class_curves(run, classes):
             (sums["correct_sum"] / sums["count"]).where(sums["unknown"] == 0).values)
 
 
+def previous_epoch_curves(run):
+    """The whole-table per-step dask sums epoch_curves used before (train columns only)."""
+    from dynascope.analysis.curves import valid_mask
+    from dynascope.analysis.run import correct
+
+    train = run.train
+    valid = valid_mask(train)
+    per_step = xr.Dataset({"loss_sum": train["loss"].where(valid).sum("slot"), "count": valid.sum("slot"),
+                           "nonfinite": (valid & ~np.isfinite(train["loss"])).sum("slot"), "lr": train["lr"]})
+    ok = correct(train["logits"], train["target"])
+    per_step["correct_sum"] = ok.sum("slot")
+    per_step["unknown"] = (valid & ok.isnull()).sum("slot")
+    per_step = per_step.assign_coords(epoch=train["epoch"]).compute()
+    grouped = per_step.groupby("epoch")
+    sums = grouped.sum()
+    return xr.Dataset({"train_loss": (sums["loss_sum"] / sums["count"]).where(sums["nonfinite"] == 0),
+                       "train_nonfinite_loss": sums["nonfinite"], "lr": grouped.last()["lr"],
+                       "steps": per_step["count"].groupby("epoch").count(),
+                       "train_accuracy": (sums["correct_sum"] / sums["count"]).where(sums["unknown"] == 0)})
+
+
 @pytest.fixture(scope="module")
 def edge_run(tmp_path_factory):
     """Padding (short batches), steps without logits (4, 9), a NaN loss (step 6), class 3
@@ -186,3 +207,13 @@ def test_class_curves_equal_numpy(which, block_size, request):
         assert np.isnan(acc1[[0, 1]]).all() and np.isfinite(acc1[2])
         assert np.isnan(c.train_loss.sel(epoch=1, class_id=3))           # no class 3 in epoch 1
         assert np.isfinite(c.train_loss.sel(epoch=0)).all()
+
+
+@pytest.mark.parametrize("which", ["edge", "tiny", "planted_noisy"])
+def test_epoch_curves_in_step_blocks_equal_the_whole_table(which, block_size, request):
+    path = request.getfixturevalue({"edge": "edge_run", "tiny": "tiny_run", "planted_noisy": "planted_noisy_run"}[which])
+    run = analysis.open_run(path)
+    new = analysis.epoch_curves(run)
+    old = previous_epoch_curves(run)
+    for var in old.data_vars:
+        xr.testing.assert_identical(new[var].drop_attrs(), old[var].drop_attrs())
