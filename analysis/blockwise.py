@@ -125,7 +125,8 @@ def presence(run: Run) -> tuple[Examples, np.ndarray]:
         valid = ids >= 0
         used[start:start + len(ids)] = valid.any(1)
         cells = np.flatnonzero(valid.ravel())
-        ex.observe(Block(ids.ravel()[cells], cells, cells, target.ravel()[cells], {}))
+        none = np.empty(0, np.int64)   # observe reads ids and targets only
+        ex.observe(Block(ids.ravel()[cells], none, none, target.ravel()[cells], {}))
     return ex, used
 
 
