@@ -77,26 +77,57 @@ class PerExample:
         return len(self.examples)
 
 
+def step_blocks(train) -> list[slice]:
+    """Slices of about `BLOCK_CELLS` presentations of the train table, in whole zarr chunks."""
+    rows, slots = train.sizes["step"], max(1, train.sizes.get("slot", 1))
+    chunks = train["example_id"].chunks
+    chunk = chunks[0][0] if chunks else rows
+    per = max(chunk, BLOCK_CELLS // slots // max(chunk, 1) * chunk, 1)
+    return [slice(start, min(rows, start + per)) for start in range(0, rows, per)]
+
+
+def _row_blocks(train) -> Iterator[tuple[int, object, np.ndarray, np.ndarray]]:
+    """(first step, rows, example ids, targets) of each block of whole zarr chunks."""
+    for rows in step_blocks(train):
+        start = rows.start
+        sub = train.isel(step=rows)
+        ids = sub["example_id"].values
+        target = sub["target"].values if "target" in sub else np.full(ids.shape, -1)
+        yield start, sub, ids, target
+
+
+def _epochs(train) -> np.ndarray:
+    return train["epoch"].values.astype(np.int64) if "epoch" in train else np.zeros(train.sizes["step"], np.int64)
+
+
 def blocks(run: Run, scores, theta=None) -> Iterator[Block]:
     """The train table in blocks of whole zarr chunks, with `scores` for every presentation.
     `theta` is passed on to the score functions (the sequence-run definition of "correct")."""
     extra = () if theta is None else (theta,)
     train = run.train
     scores = _available(train, scores, *extra)
-    rows, slots = train.sizes["step"], max(1, train.sizes.get("slot", 1))
-    chunks = train["example_id"].chunks
-    chunk = chunks[0][0] if chunks else rows
-    per = max(chunk, BLOCK_CELLS // slots // max(chunk, 1) * chunk)
-    epoch_all = train["epoch"].values.astype(np.int64) if "epoch" in train else np.zeros(rows, np.int64)
-    for start in range(0, rows, per):
-        sub = train.isel(step=slice(start, min(rows, start + per)))
-        ids = sub["example_id"].values
-        target = sub["target"].values if "target" in sub else np.full(ids.shape, -1)
+    epoch_all = _epochs(train)
+    for start, sub, ids, target in _row_blocks(train):
         vals = _blockwise(sub, "step", target, scores, *extra)
         cells = np.flatnonzero(ids.ravel() >= 0)
         step = start + cells // ids.shape[1]
         yield Block(ids.ravel()[cells], step, epoch_all[step], target.ravel()[cells],
                     {k: v.ravel()[cells] for k, v in vals.items()})
+
+
+def presence(run: Run) -> tuple[Examples, np.ndarray]:
+    """The examples of the run with their latest targets, and which steps hold at least one
+    presentation: one cheap pass over example ids and targets only."""
+    train = run.train
+    ex = Examples()
+    used = np.zeros(train.sizes["step"], dtype=bool)
+    for start, _, ids, target in _row_blocks(train):
+        valid = ids >= 0
+        used[start:start + len(ids)] = valid.any(1)
+        cells = np.flatnonzero(valid.ravel())
+        none = np.empty(0, np.int64)   # observe reads ids and targets only
+        ex.observe(Block(ids.ravel()[cells], none, none, target.ravel()[cells], {}))
+    return ex, used
 
 
 def _valid(block: Block, name: str):
@@ -208,61 +239,74 @@ def latest(run: Run, name: str, step: int | None = None, theta=None) -> tuple[Pe
     return PerExample(ex), ex.score[ids], ex.at[ids]
 
 
-def epoch_tables(run: Run, names, theta=None) -> tuple[PerExample, np.ndarray, dict]:
+def epoch_tables(run: Run, names, theta=None, transform=None) -> tuple[PerExample, np.ndarray, dict]:
     """Mean of each score per (epoch, example) over its non-NaN presentations (NaN where an
-    example had none); the epochs are those with at least one presentation.
+    example had none), as float32 (bins, examples) tables; the epochs are those with at least
+    one presentation. `transform` maps a name to a function applied to the float64 means
+    before the cast (difficulty's 1 - p_gold).
 
-    The result has a row per epoch, so it grows with the run; the sums behind a row are
-    kept only while its epoch is still being read (the last step of every epoch is known
-    from the per-step `epoch` array), then turned into the row of means."""
-    train = run.train
-    epoch_all = train["epoch"].values.astype(np.int64) if "epoch" in train else np.zeros(train.sizes["step"], np.int64)
-    used = (train["example_id"] >= 0).any("slot").values
+    The result has a row per epoch, so it grows with the run; nothing else does. A first
+    pass over the example ids sizes the tables, so each epoch's row is written in place when
+    its last step has been read (known from the per-step `epoch` array): the float64 sums
+    behind a row live only while its epoch is read."""
+    transform = transform or {}
+    epoch_all = _epochs(run.train)
+    ex, used = presence(run)
     bins = np.unique(epoch_all[used])
     row_of_step = np.searchsorted(bins, epoch_all)
     last_step = np.full(len(bins), -1)
     np.maximum.at(last_step, row_of_step[used], np.flatnonzero(used))
-    ex = Examples()
-    open_rows: dict[int, dict] = {}           # row -> name -> (total, count), width = ids seen
-    rows: dict[str, list] = {n: [None] * len(bins) for n in names}
+    ids, width = ex.ids, len(ex.seen)
+    tables = {n: np.full((len(bins), len(ids)), np.nan, dtype=np.float32) for n in names}
+    open_rows: dict[int, dict] = {}           # row -> name -> (total, count) over all ids
 
     def close(r: int) -> None:
         for n, (total, count) in open_rows.pop(r).items():
             with np.errstate(invalid="ignore", divide="ignore"):
-                rows[n][r] = total / count
+                mean = total[ids] / count[ids]
+            tables[n][r] = transform.get(n, lambda m: m)(mean)
 
     for b in blocks(run, names, theta):
-        ex.observe(b)
-        width = len(ex.seen)
         row = row_of_step[b.step]
         for r in np.unique(row):
-            acc = open_rows.setdefault(int(r), {n: (np.zeros(0), np.zeros(0, np.int64)) for n in names})
+            acc = open_rows.setdefault(int(r), {n: (np.zeros(width), np.zeros(width, np.int64)) for n in names})
             sel = row == r
             for n in names:
                 total, count = acc[n]
-                if len(total) < width:
-                    total, count = np.pad(total, (0, width - len(total))), np.pad(count, (0, width - len(count)))
                 ok = ~np.isnan(b.scores[n][sel])
                 idx = b.index[sel][ok]
                 np.add.at(total, idx, b.scores[n][sel][ok].astype(np.float64))
                 count += np.bincount(idx, minlength=width)
-                acc[n] = (total, count)
         if len(b.step):
             for r in [r for r in open_rows if last_step[r] <= b.step[-1]]:
                 close(r)
     for r in list(open_rows):
         close(r)
-    ids = ex.ids
-    tables = {}
-    for n in names:
-        table = np.full((len(bins), len(ids)), np.nan)
-        for r, values in enumerate(rows[n]):
-            if values is not None:
-                have = ids[ids < len(values)]
-                table[r, :len(have)] = values[have]
-            rows[n][r] = None
-        tables[n] = table
     return PerExample(ex), bins, tables
+
+
+def class_epoch_sums(run: Run, classes: np.ndarray) -> tuple[np.ndarray, dict]:
+    """Per (epoch, class) sums over the training presentations, accumulated in float64:
+    count, finite-loss sum, non-finite losses, correct, and presentations without logits.
+    Every epoch of the per-step `epoch` array gets a row, presented or not."""
+    epoch_raw = run.train["epoch"].values
+    bins = np.unique(epoch_raw)
+    row_of_step = np.searchsorted(bins, epoch_raw)
+    k = len(classes)
+    size = len(bins) * k
+    sums = {n: np.zeros(size) for n in ("count", "loss_sum", "nonfinite", "correct_sum", "unknown")}
+    for b in blocks(run, ("loss", "correct")):
+        cls = np.searchsorted(classes, b.target)
+        keep = np.isin(b.target, classes)
+        key = row_of_step[b.step[keep]] * k + cls[keep]
+        loss, ok = b.scores["loss"][keep].astype(np.float64), b.scores["correct"][keep].astype(np.float64)
+        finite, known = np.isfinite(loss), ~np.isnan(ok)
+        sums["count"] += np.bincount(key, minlength=size)
+        sums["nonfinite"] += np.bincount(key[~finite], minlength=size)
+        sums["loss_sum"] += np.bincount(key[finite], weights=loss[finite], minlength=size)
+        sums["correct_sum"] += np.bincount(key[known], weights=ok[known], minlength=size)
+        sums["unknown"] += np.bincount(key[~known], minlength=size)
+    return bins, {n: v.reshape(len(bins), k) for n, v in sums.items()}
 
 
 def forgetting_train(run: Run, never_learned: str, theta=None) -> tuple[PerExample, dict]:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import numpy as np
 import xarray as xr
 
+from .blockwise import class_epoch_sums, epoch_tables, step_blocks
 from .registry import register_analysis
 from .run import Run, correct
 
@@ -42,26 +43,32 @@ def _pass_by_epoch(ds: xr.Dataset, row: str, task: str) -> xr.Dataset:
     return out.swap_dims({row: "epoch"}).drop_vars("step").groupby("epoch").last()
 
 
+def _step_sums(train: xr.Dataset, task: str) -> xr.Dataset:
+    """Per-step loss sum, counts and correct sums of the presentations (lazy)."""
+    valid = valid_mask(train)
+    per_step = xr.Dataset({
+        "loss_sum": train["loss"].where(valid).sum("slot"),
+        "count": valid.sum("slot"),
+        "nonfinite": (valid & ~np.isfinite(train["loss"])).sum("slot"),
+        "lr": train["lr"],
+    })
+    if task == "sequence" and "token_accuracy" in train:
+        per_step["correct_sum"], per_step["token_count"] = _token_accuracy(train, "slot")
+    elif task == "classification" and "logits" in train:
+        ok = correct(train["logits"], train["target"])
+        per_step["correct_sum"] = ok.sum("slot")
+        per_step["unknown"] = (valid & ok.isnull()).sum("slot")
+    return per_step.assign_coords(epoch=train["epoch"])
+
+
 @register_analysis("epoch_curves", needs=("train",))
 def epoch_curves(run: Run) -> xr.Dataset:
     """Per-epoch train/probe/eval loss and accuracy, and the learning rate."""
     train = run.train
-    valid = valid_mask(train)
-    n = valid.sum("slot")
-    loss = train["loss"].where(valid)
-    per_step = xr.Dataset({
-        "loss_sum": loss.sum("slot"),
-        "count": n,
-        "nonfinite": (valid & ~np.isfinite(train["loss"])).sum("slot"),
-        "lr": train["lr"],
-    })
-    if run.task == "sequence" and "token_accuracy" in train:
-        per_step["correct_sum"], per_step["token_count"] = _token_accuracy(train, "slot")
-    elif run.task == "classification" and "logits" in train:
-        ok = correct(train["logits"], train["target"])
-        per_step["correct_sum"] = ok.sum("slot")
-        per_step["unknown"] = (valid & ok.isnull()).sum("slot")
-    per_step = per_step.assign_coords(epoch=train["epoch"]).compute()
+    # per-step sums a block of steps at a time: dask then never holds a graph (or results)
+    # for the whole run, only (steps,) numbers; each step's sums are the same either way
+    parts = [_step_sums(train.isel(step=rows), run.task).compute() for rows in step_blocks(train)]
+    per_step = xr.concat(parts, dim="step") if parts else _step_sums(train, run.task).compute()
     grouped = per_step.groupby("epoch")
     sums = grouped.sum()
     # a NaN/inf loss (diverged, or a chunk missing from the store) makes the epoch's mean
@@ -96,21 +103,14 @@ def _class_table(loss, target, ok, classes: np.ndarray, dims: tuple[str, ...]):
 @register_analysis("class_curves", needs=("train/logits",), tasks=("classification",))
 def class_curves(run: Run) -> xr.Dataset:
     """Per-epoch, per-class loss and accuracy for the training presentations and eval passes."""
-    train = run.train
-    classes = np.arange(run.num_classes or int(train["target"].max()) + 1)
-    valid = valid_mask(train)
-    onehot = (train["target"] == xr.DataArray(classes, dims="class_id")) & valid
-    ok = correct(train["logits"], train["target"])
-    per_step = xr.Dataset({
-        "loss_sum": train["loss"].where(onehot).sum("slot"),
-        "correct_sum": ok.where(onehot).sum("slot"),
-        "count": onehot.sum("slot"),
-        "nonfinite": (onehot & ~np.isfinite(train["loss"])).sum("slot"),
-        "unknown": (onehot & ok.isnull()).sum("slot"),
-    }).assign_coords(epoch=train["epoch"]).compute()
-    sums = per_step.groupby("epoch").sum()
-    out = xr.Dataset({"train_loss": (sums["loss_sum"] / sums["count"]).where(sums["nonfinite"] == 0),
-                      "train_accuracy": (sums["correct_sum"] / sums["count"]).where(sums["unknown"] == 0)})
+    classes = np.arange(run.num_classes or int(run.train["target"].max()) + 1)
+    # streamed over step blocks: memory set by a block and the (epoch, class) sums
+    epochs, sums = class_epoch_sums(run, classes)
+    dims = ("epoch", "class_id")
+    with np.errstate(invalid="ignore", divide="ignore"):
+        loss = np.where(sums["nonfinite"] == 0, sums["loss_sum"] / sums["count"], np.nan)
+        acc = np.where(sums["unknown"] == 0, sums["correct_sum"] / sums["count"], np.nan)
+    out = xr.Dataset({"train_loss": (dims, loss), "train_accuracy": (dims, acc)}, coords={"epoch": epochs})
     if run.has("eval") and run.eval.sizes.get("eval", 0):
         ev = run.eval
         table = _class_table(ev["loss"], ev["target"], correct(ev["logits"], ev["target"]) if "logits" in ev else None,
@@ -141,8 +141,6 @@ def loss_trajectories(run: Run, source: str = "probe") -> xr.Dataset:
         return out
     if source != "train":
         raise ValueError(f"source must be 'probe' or 'train', got {source!r}")
-    from .blockwise import epoch_tables
-
     seq, epochs, t = epoch_tables(run, ("loss",))   # streamed over step blocks
     loss = t["loss"]
     return xr.Dataset({"loss": (("epoch", "example"), loss.astype(np.float32))},

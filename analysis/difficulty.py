@@ -150,17 +150,19 @@ def difficulty(run: Run, source: str = "train", correct_threshold: float | None 
     theta = sequence_runs.threshold(run, correct_threshold)
     by = "epoch" if source == "train" else "probe"
     if source == "train":   # streamed over step blocks: memory set by examples x epochs (the result)
-        seq, bins, t = blockwise.epoch_tables(run, ("loss", "p_gold", "correct"), theta)
-        loss, pg, ok = t["loss"], t["p_gold"], t["correct"]
+        seq, bins, t = blockwise.epoch_tables(run, ("loss", "p_gold", "correct"), theta,
+                                              transform={"p_gold": lambda m: 1 - m})
+        loss, diff, ok = t["loss"], t["p_gold"], t["correct"]
     else:
         seq = gather(run, source, scores=("loss", "p_gold", "correct"), correct_threshold=correct_threshold)
         bins, loss = time_table(seq, seq.scores["loss"], by)
         _, pg = time_table(seq, seq.scores["p_gold"], by)
         _, ok = time_table(seq, seq.scores["correct"], by)
+        diff = 1 - pg
     dims = (by, "example")
-    ds = xr.Dataset({"loss": (dims, loss.astype(np.float32)),
-                     "difficulty": (dims, (1 - pg).astype(np.float32)),
-                     "accuracy": (dims, ok.astype(np.float32))},
+    ds = xr.Dataset({"loss": (dims, loss.astype(np.float32, copy=False)),
+                     "difficulty": (dims, diff.astype(np.float32, copy=False)),
+                     "accuracy": (dims, ok.astype(np.float32, copy=False))},
                     coords={by: bins, "example": seq.examples, "target": ("example", seq.target)})
     if by == "probe":
         ds = ds.assign_coords(step=("probe", run.probe["step"].values[bins]),
@@ -168,21 +170,38 @@ def difficulty(run: Run, source: str = "train", correct_threshold: float | None 
     ds.attrs.update(source=source, **sequence_runs.describe(theta))
     if theta is not None:   # the "classes" of a sequence run are its vocabulary: no class tables
         for var in ("loss", "difficulty", "accuracy"):
-            ds[f"mean_{var}"] = (by, np.nanmean(ds[var].values, axis=1).astype(np.float32))
+            ds[f"mean_{var}"] = (by, _by_rows(ds[var].values, lambda v: np.nanmean(v, axis=1)).astype(np.float32))
         ds["difficulty"].attrs["long_name"] = "1 - mean target-token probability"
         return ds
     classes = np.arange(run.num_classes or int(seq.target.max()) + 1)
     onehot = (seq.target[:, None] == classes[None, :]).astype(np.float64)  # (E, K)
-    for var in ("loss", "difficulty", "accuracy"):
-        vals = ds[var].values.astype(np.float64)
+
+    def class_and_mean(rows: np.ndarray) -> np.ndarray:
+        vals = rows.astype(np.float64)
         have = ~np.isnan(vals)
         with np.errstate(invalid="ignore", divide="ignore"):
             per_class = (np.where(have, vals, 0) @ onehot) / (have @ onehot)
-        ds[f"class_{var}"] = ((by, "class_id"), per_class.astype(np.float32))
-        ds[f"mean_{var}"] = (by, np.nanmean(np.where(have, vals, np.nan), axis=1).astype(np.float32))
+        return np.concatenate([per_class, np.nanmean(np.where(have, vals, np.nan), axis=1)[:, None]], axis=1)
+
+    for var in ("loss", "difficulty", "accuracy"):
+        both = _by_rows(ds[var].values, class_and_mean)
+        ds[f"class_{var}"] = ((by, "class_id"), both[:, :-1].astype(np.float32))
+        ds[f"mean_{var}"] = (by, both[:, -1].astype(np.float32))
     names = run.class_names
     ds = ds.assign_coords(class_id=classes,
                           class_name=("class_id", [names[c] if c < len(names) else str(c) for c in classes]))
     ds["difficulty"].attrs["long_name"] = "1 - p(gold label), mean over the epoch's presentations"
     ds.attrs["source"] = source
     return ds
+
+
+ROW_CELLS = 1 << 19   # values per group of rows in the class tables (4 MB of float64)
+
+
+def _by_rows(table: np.ndarray, func) -> np.ndarray:
+    """`func` of groups of whole rows of `table`, stacked: its float64 temporaries stay at
+    about `ROW_CELLS` values instead of the size of the (epoch x example) table. Every function
+    used here reduces each row on its own, so the result does not depend on the grouping."""
+    step = max(1, ROW_CELLS // max(1, table.shape[1]))
+    parts = [func(table[s:s + step]) for s in range(0, len(table), step)]
+    return np.concatenate(parts) if parts else func(table)

@@ -5,11 +5,28 @@ Under DDP every rank takes optimizer step k together, so global step k is the un
 ranks' batches of step k: the ranks' rows are joined along `slot` (rank 0's slots first;
 coordinate `slot_rank` says whose each slot is). Per-step values come from rank 0, except
 `batch_size` (summed) and `batch_loss` (the mean over every rank's presentations).
+Pair arrays over the batch (the in-batch gradient Gram, `(step, slot, slot_j)`) become
+block-diagonal over the merged slots: each rank computed the pairs of its own batch only,
+so pairs of examples on different ranks are NaN (never computed), not missing columns.
 """
 from __future__ import annotations
 
 import numpy as np
 import xarray as xr
+
+
+def _block_diagonal_pairs(parts: list) -> list:
+    """Pad each rank's `slot_j` axis to all merged slots, its own block at its offset."""
+    widths = [p.sizes.get("slot", 0) for p in parts]
+    out = []
+    for r, p in enumerate(parts):
+        pair = [v for v in p.data_vars if "slot_j" in p[v].dims]
+        if pair:
+            before, after = sum(widths[:r]), sum(widths[r + 1:])
+            padded = p[pair].pad(slot_j=(before, after), constant_values=np.nan)
+            p = p.drop_vars(pair).assign({v: padded[v].astype(p[v].dtype) for v in pair})
+        out.append(p)
+    return out
 
 
 def merge(loc, attrs: dict, groups: dict, open_group, trim, error) -> tuple[dict, dict]:
@@ -32,7 +49,7 @@ def merge(loc, attrs: dict, groups: dict, open_group, trim, error) -> tuple[dict
             raise error(f"rank {r} of {loc} recorded no train rows")
         parts.append(trim(ds, "step", int(sub_attrs.get("committed", {}).get("train", 0))))
     rows = min(p.sizes.get("step", 0) for p in parts)   # a step is whole once every rank wrote it
-    parts = [p.isel(step=slice(0, rows)) for p in parts]
+    parts = _block_diagonal_pairs([p.isel(step=slice(0, rows)) for p in parts])
     per_slot = [v for v in parts[0].data_vars if "slot" in parts[0][v].dims]
     merged = xr.concat([p[per_slot] for p in parts], dim="slot", data_vars="all", coords="minimal",
                        compat="override", join="exact")

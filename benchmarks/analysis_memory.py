@@ -5,8 +5,10 @@
 
 Each (analysis, store) is measured in a fresh Python process: peak RSS of the process
 (`ru_maxrss`, includes the ~200 MB of imported libraries) and the tracemalloc peak during
-the call (numpy buffers included). `--gathered` also measures the gathered path
-(`sequences.gather`, which holds every presentation) for comparison.
+the call (numpy buffers included), the size of the result (its variables and coordinates),
+and the peak minus the result: what the analysis needs beyond what it returns, the figure
+that must not grow with the run when the result itself has a row per epoch. `--gathered`
+also measures the gathered path (`sequences.gather`, which holds every presentation).
 """
 from __future__ import annotations
 
@@ -34,11 +36,13 @@ if mode == "gathered":
     scores = {"forgetting": ("correct",), "cartography": ("p_gold", "correct"), "aum": ("margin",),
               "el2n": ("el2n",), "difficulty": ("loss", "p_gold", "correct"), "loss_trajectories": ("loss",)}
     seq = gather(run, "train", scores=scores[name])
+    result = 0
 else:
-    analysis.ANALYSES[name].func(run, **kwargs).load()
+    ds = analysis.ANALYSES[name].func(run, **kwargs).load()
+    result = sum(v.nbytes for v in ds.variables.values())
 peak = tracemalloc.get_traced_memory()[1]
 tracemalloc.stop()
-print(json.dumps({"tracemalloc_mb": peak / 2**20,
+print(json.dumps({"tracemalloc_mb": peak / 2**20, "result_mb": result / 2**20,
                   "rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
                   "rss_before_mb": base / 1024}))
 """
@@ -72,18 +76,21 @@ def main(argv=None) -> None:
             make_store(stores[e], args.examples, e)
     modes = ["streamed"] + (["gathered"] if args.gathered else [])
     print(f"loadavg at start: {loadavg()}")
-    print("| analysis | path | " + " | ".join(f"{e} ep tracemalloc / RSS (MB)" for e in args.epochs)
-          + " | ratio tracemalloc | ratio RSS |")
-    print("| --- | --- | " + " | ".join("---" for _ in args.epochs) + " | --- | --- |")
+    print("| analysis | path | " + " | ".join(f"{e} ep: tracemalloc / result / RSS (MB)" for e in args.epochs)
+          + " | ratio tracemalloc | ratio tracemalloc - result | ratio RSS |")
+    print("| --- | --- | " + " | ".join("---" for _ in args.epochs) + " | --- | --- | --- |")
     for name in args.analyses:
         for mode in modes:
             if mode == "gathered" and name in ("epoch_curves", "class_curves"):
                 continue
             r = {e: measure(stores[e], name, mode) for e in args.epochs}
             lo, hi = (r[e] for e in args.epochs)
-            print(f"| {name} | {mode} | " + " | ".join(f"{r[e]['tracemalloc_mb']:.1f} / {r[e]['rss_mb']:.0f}"
-                                                      for e in args.epochs)
-                  + f" | {hi['tracemalloc_mb'] / lo['tracemalloc_mb']:.2f} | {hi['rss_mb'] / lo['rss_mb']:.2f} |",
+            beyond = {e: r[e]["tracemalloc_mb"] - r[e]["result_mb"] for e in args.epochs}
+            print(f"| {name} | {mode} | "
+                  + " | ".join(f"{r[e]['tracemalloc_mb']:.1f} / {r[e]['result_mb']:.1f} / {r[e]['rss_mb']:.0f}"
+                               for e in args.epochs)
+                  + f" | {hi['tracemalloc_mb'] / lo['tracemalloc_mb']:.2f}"
+                  + f" | {beyond[args.epochs[1]] / beyond[args.epochs[0]]:.2f} | {hi['rss_mb'] / lo['rss_mb']:.2f} |",
                   flush=True)
     print(f"loadavg at end: {loadavg()}")
 

@@ -18,6 +18,9 @@ import xarray as xr
 from ..run import Run, RunError
 
 SOURCES = ("probe", "train")
+RANK_BLOCKS = ("this run was recorded by {n} DDP ranks: its train/grad_gram is exact within each "
+               "rank's batch only (pairs of examples on different ranks were never computed and are "
+               "NaN, and so is the cosine to the whole batch's mean gradient); ")
 
 
 def gradient_group(run: Run, source: str) -> xr.Dataset:
@@ -89,11 +92,24 @@ def use_gram(ds: xr.Dataset, cosine_source: str, source: str = "train", probes=N
         raise RunError(f"this run has no {what}; record it with dynascope record --grad-gram "
                        "(Recorder(..., grad_gram=True); probe passes also need their per-example "
                        "gradients to fit grad_probe_gram_budget) or use cosine_source='sketch'")
+    ranks = _ranks(ds) if source == "train" and "grad_gram" in ds else 1
+    if ranks > 1 and cosine_source == "auto" and "grad_proj" in ds:
+        warnings.warn(RANK_BLOCKS.format(n=ranks) + "using the sketch, which covers every pair "
+                      "(cosine_source='exact_gram' for the exact within-rank pairs)", RuntimeWarning, stacklevel=3)
+        return False
+    if ranks > 1:
+        warnings.warn(RANK_BLOCKS.format(n=ranks) + "record grad_projection too for cosines across "
+                      "ranks (cosine_source='sketch')", RuntimeWarning, stacklevel=3)
     if missing:
         warnings.warn(f"probe passes {missing} have no probe/grad_gram (over the recorder's "
                       "probe_gram_budget); all selected passes use the sketch instead "
                       "(select passes with probes= to use the exact Gram)", RuntimeWarning, stacklevel=3)
     return "grad_gram" in ds and not missing
+
+
+def _ranks(ds: xr.Dataset) -> int:
+    """How many ranks' batches the merged train table joins along `slot` (1 without DDP)."""
+    return len(np.unique(ds["slot_rank"].values)) if "slot_rank" in ds.coords else 1
 
 
 def probe_gram_present(ds: xr.Dataset, probes) -> np.ndarray:
