@@ -3,9 +3,6 @@ presents one train table: every rank's batch of step k in row k, each example on
 epoch, epochs right, probes from rank 0 equal to an independent recomputation."""
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +10,7 @@ import pytest
 import torch.distributed
 
 from dynascope import analysis
+from torchrun_helpers import torchrun
 WORKER = Path(__file__).with_name("ddp_worker.py")
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed unavailable")
 
@@ -20,10 +18,7 @@ pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="to
 @pytest.fixture(scope="module")
 def ddp_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("ddp") / "run.zarr"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(WORKER.parents[1])}
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                           str(WORKER), str(out)], capture_output=True, text=True, timeout=240, env=env)
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    torchrun(WORKER, out)
     logs = [np.load(f"{out}.rank{r}.npz") for r in range(2)]
     return out, logs
 
@@ -67,9 +62,7 @@ def test_existing_run_stops_every_rank_with_the_reason(ddp_run):
     """Rank 0 refuses to overwrite; rank 1 must not hang waiting for it, nor write inside."""
     out, _ = ddp_run
     before = analysis.open_run(out).train.load()
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(WORKER.parents[1])}
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                           str(WORKER), str(out)], capture_output=True, text=True, timeout=240, env=env)
+    proc = torchrun(WORKER, out, check=False)
     assert proc.returncode != 0
     assert "already exists" in proc.stderr and "rank 0 could not create the run, so rank 1 records nothing" in proc.stderr
     import xarray as xr

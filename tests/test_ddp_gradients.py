@@ -9,8 +9,6 @@ checked too: with the fused conv backward in the graph, the all-reduced update i
 the mean gradient over both ranks' batches."""
 from __future__ import annotations
 
-import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -20,6 +18,7 @@ import torch
 import torch.distributed
 
 from dynascope import analysis
+from torchrun_helpers import torchrun
 from dynascope.recorder.gradients import sketch_reference
 from gradients_helpers import layer_grads, per_example_grads
 
@@ -33,10 +32,7 @@ pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="to
 @pytest.fixture(scope="module")
 def ddp_grad_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("ddp_grad") / "run.zarr"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(WORKER.parents[1])}
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                           str(WORKER), str(out)], capture_output=True, text=True, timeout=240, env=env)
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    torchrun(WORKER, out)
     return out, [dict(np.load(f"{out}.rank{r}.npz")) for r in range(2)]
 
 
