@@ -310,8 +310,9 @@ class ChunkWriter:
         self.root.attrs["committed"] = dict(self.committed)
 
     def _check_nonfinite(self, group_name: str, start: int, blocks: dict) -> None:
-        """Count examples whose loss / logits are NaN or inf per row (padding excluded), here
-        in the writer thread from the host copies, so training pays nothing for it."""
+        """Count examples whose loss / logits are NaN or inf per row (padding excluded), and
+        the batch's mean loss, here in the writer thread from the host copies, so training
+        pays nothing for them."""
         group = self.groups[group_name]
         if "nonfinite_loss" in group.specs and "loss" in blocks:
             n = blocks["loss"].shape[0]
@@ -321,6 +322,14 @@ class ChunkWriter:
                 if src in blocks and name not in blocks:
                     bad = ~np.isfinite(blocks[src].reshape(n, width, -1)).all(-1) & valid.reshape(n, width)
                     blocks[name] = bad.sum(1).astype(np.int32)
+            if "batch_loss" in group.specs and "batch_loss" not in blocks:
+                # the mean of the batch's losses, from the host copy: no reduction (on the GPU a
+                # kernel launch) in the training step; accumulated in float64, stored float32
+                loss = blocks["loss"].reshape(n, width)
+                mask = valid.reshape(n, width)
+                with np.errstate(invalid="ignore", divide="ignore"):
+                    mean = np.where(mask, loss, 0).sum(1, dtype=np.float64) / mask.sum(1)
+                blocks["batch_loss"] = mean.astype(np.float32)
         for name in ("nonfinite_loss", "nonfinite_logits"):
             counts = blocks.get(name)
             if counts is None or (group_name, name) in self._nonfinite_warned or not (counts > 0).any():

@@ -137,7 +137,26 @@ def test_tiny_per_step_chunks_are_stored_uncompressed_and_read_back_exactly(tmp_
     np.testing.assert_array_equal(train["loss"][:10], torch.stack(losses_seen).numpy())
     np.testing.assert_array_equal(train["epoch"][:10], [0, 0, 0, 1, 1, 1, 2, 2, 2, 3])
     np.testing.assert_array_equal(train["batch_size"][:10], np.full(10, 2))
-    np.testing.assert_array_equal(train["batch_loss"][:10], torch.stack(losses_seen).mean(1).numpy())
+    # the batch mean is taken in the writer, in float64 from the stored losses
+    np.testing.assert_array_equal(train["batch_loss"][:10],
+                                  torch.stack(losses_seen).double().mean(1).float().numpy())
+
+
+def test_batch_loss_is_the_mean_over_each_batch_own_examples_nan_kept(tmp_path):
+    model = nn.Linear(2, 2)
+    given = [torch.tensor([1.0, 2.0, 4.0]), torch.tensor([0.5]), torch.tensor([1.0, float("nan")]),
+             torch.tensor([3.0, 1e-8, 1e8])]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with Recorder(tmp_path / "r.zarr", model, num_classes=2, num_examples=20, chunk_steps=3,
+                      param_stats=False) as rec:
+            for step, losses in enumerate(given):
+                ids = torch.arange(len(losses)) + 3 * step
+                with rec.step(example_ids=ids, targets=torch.zeros(len(losses), dtype=torch.long)) as st:
+                    st.record(losses=losses)
+    bl = zarr.open_group(str(tmp_path / "r.zarr"), mode="r")["train"]["batch_loss"][:4]
+    expected = [np.float32(7 / 3), np.float32(0.5), np.nan, np.float32((3.0 + np.float32(1e-8) + 1e8) / 3)]
+    np.testing.assert_array_equal(bl, np.array(expected, dtype=np.float32))
 
 
 def test_large_chunks_keep_zstd(tmp_path):
