@@ -241,6 +241,8 @@ def measure(model_name, args, device, tmp, peers=True):
     targets = {"norms": t_norms, "proj": t_proj, "gram": 1.35 if model_name == "cnn" else None}
     variants = [build("plain step", Variant, base, device, tmp, notes)]
     for name, kw, target in recorder_rows(args.proj_dim):
+        if args.only and not any(name.strip().startswith(p) for p in args.only.split(",")):
+            continue
         v = build(name, Variant, base, device, tmp, notes, kwargs=kw,
                   target=targets.get(target, target) if isinstance(target, str) else target)
         variants.append(v)
@@ -316,6 +318,7 @@ def main(argv=None):
     ap.add_argument("--proj-dim", type=int, default=1024)
     ap.add_argument("--batch", default="", help="per-model batch override, e.g. cnn=64,resnet18=16")
     ap.add_argument("--no-peers", action="store_true", help="skip BackPACK / Opacus / vmap")
+    ap.add_argument("--only", default="", help="recorder rows whose names start so, e.g. 'default,losses'")
     ap.add_argument("--mlp-steps", type=int, default=500, help="0 skips the fixed-cost table")
     ap.add_argument("--lm", action="store_true", help="the GPT-style LM instead (benchmarks/lm_overhead.py)")
     args = ap.parse_args(argv)

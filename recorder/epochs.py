@@ -24,29 +24,33 @@ class EpochTracker:
         self._warned = False
 
     def next(self, ids: np.ndarray, given: int | None) -> int:
+        self._grow(int(ids.max()) + 1)
+        seen = self.seen[ids]     # one gather serves the overlap test and the new-example count
         if given is not None:
             given = int(given)
             if given != self.epoch:
                 self._reset()
+                seen = None
             self.epoch = given
             self.source = "loop" if self.source in (None, "loop") else "mixed"
-        elif self._mark_overlaps(ids):
+        elif seen.any():
             self._check_complete(len(ids))
             self._reset()
+            seen = None
             self.epoch += 1
             self.source = "inferred" if self.source in (None, "inferred") else "mixed"
-        else:
-            self.source = self.source or "inferred"
-        self._mark(ids)
+        elif self.source is None:
+            self.source = "inferred"
+        self.count += len(ids) if seen is None else len(ids) - int(np.count_nonzero(seen))
+        self.seen[ids] = True
         return self.epoch
 
-    def _mark_overlaps(self, ids: np.ndarray) -> bool:
-        return bool(self.seen[ids[ids < len(self.seen)]].any())
-
-    def _mark(self, ids: np.ndarray) -> None:
-        hi = int(ids.max()) + 1
+    def _grow(self, hi: int) -> None:
         if hi > len(self.seen):
             self.seen = np.concatenate([self.seen, np.zeros(max(hi - len(self.seen), len(self.seen)), bool)])
+
+    def _mark(self, ids: np.ndarray) -> None:
+        self._grow(int(ids.max()) + 1)
         self.count += int((~self.seen[ids]).sum())
         self.seen[ids] = True
 

@@ -512,7 +512,7 @@ class StepContext:
         rec, b = self.rec, self.batch
         losses = b.losses.detach()
         row = {"example_id": b.example_ids, "loss": losses, "epoch": self.epoch,
-               "optimizer_step": rec.optimizer_steps, "lr": rec._lr(), "batch_loss": losses.float().mean(),
+               "optimizer_step": rec.optimizer_steps, "lr": rec._lr(),
                "batch_size": b.batch_size, "wall_time": time.perf_counter() - rec._t0}
         if "sequence" in b.extras:      # reduced on the device: the (B, T, V) logits are not kept
             row.update(b.extras["sequence"])

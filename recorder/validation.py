@@ -26,12 +26,14 @@ def check_example_ids(example_ids, num_examples: int | None) -> torch.Tensor:
     if ids.numel() == 0:
         raise ValueError("example_ids is empty; a recorded batch needs at least one example")
     ids = ids.detach().to("cpu", torch.int64)
-    lo, hi = int(ids.min()), int(ids.max())
-    if len(torch.unique(ids)) != len(ids):
-        uniq, counts = torch.unique(ids, return_counts=True)
-        dup = uniq[counts > 1]
+    # one sort gives the range and every duplicate (adjacent equal values): a few µs,
+    # half of torch.unique, and no second pass over the ids
+    ordered = np.sort(ids.numpy())
+    lo, hi = int(ordered[0]), int(ordered[-1])
+    if len(ordered) > 1 and (ordered[1:] == ordered[:-1]).any():
+        uniq, counts = np.unique(ordered, return_counts=True)
         raise ValueError(f"example_ids repeat within one batch ({len(ids) - len(uniq)} duplicates, e.g. id "
-                         f"{int(dup[0])}); each example may appear once per batch, or its statistics are "
+                         f"{int(uniq[counts > 1][0])}); each example may appear once per batch, or its statistics are "
                          f"double-counted. Deduplicate the batch (repeated-augmentation samplers: record "
                          f"one view per example)")
     if lo < 0:
@@ -55,8 +57,10 @@ def check_targets(targets, n: int, num_classes: int | None) -> torch.Tensor:
         if t.dtype.is_floating_point:
             raise TypeError(f"classification targets must be integer class indices, got {t.dtype}; "
                             f"omit num_classes to record a regression run")
-        if t.device.type == "cpu" and t.numel() and (int(t.min()) < 0 or int(t.max()) >= num_classes):
-            raise ValueError(f"targets must be in [0, {num_classes}); got [{int(t.min())}, {int(t.max())}]")
+        if t.device.type == "cpu" and t.numel():
+            lo, hi = (int(v) for v in torch.aminmax(t))   # one pass, not min() then max()
+            if lo < 0 or hi >= num_classes:
+                raise ValueError(f"targets must be in [0, {num_classes}); got [{lo}, {hi}]")
     return t
 
 
