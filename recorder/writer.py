@@ -284,13 +284,14 @@ class ChunkWriter:
                                f"were not written; refusing to commit rows after a gap")
         zgroup = self.root.require_group(group_name)
         n = len(rows)
-        blocks = {}
+        blocks, recorded = {}, {}
         for name, spec in group.specs.items():
             values = [r.get(name) for r in rows]
             if all(v is None for v in values):
                 continue
             blocks[name] = self._stack(spec, values)
-        self._check_nonfinite(group_name, start, blocks)
+            recorded[name] = np.array([v is not None for v in values])
+        self._check_nonfinite(group_name, start, blocks, recorded)
         # grow shared dimensions (slot, class, ...) and rows before writing
         for name, block in blocks.items():
             for dim, size in zip(group.specs[name].dims[1:], block.shape[1:]):
@@ -311,7 +312,7 @@ class ChunkWriter:
         self.committed[group_name] = end
         self.root.attrs["committed"] = dict(self.committed)
 
-    def _check_nonfinite(self, group_name: str, start: int, blocks: dict) -> None:
+    def _check_nonfinite(self, group_name: str, start: int, blocks: dict, recorded: dict) -> None:
         """Count examples whose loss / logits are NaN or inf per row (padding excluded), and
         the batch's mean loss, here in the writer thread from the host copies, so training
         pays nothing for them."""
@@ -320,15 +321,21 @@ class ChunkWriter:
             n = blocks["loss"].shape[0]
             width = blocks["loss"].shape[1] if blocks["loss"].ndim > 1 else 1
             valid = (blocks["example_id"] >= 0) if "example_id" in blocks else np.ones((n, width), bool)
+            valid = valid.reshape(n, -1)
             for name, src in (("nonfinite_loss", "loss"), ("nonfinite_logits", "logits")):
                 if src in blocks and name not in blocks:
-                    bad = ~np.isfinite(blocks[src].reshape(n, width, -1)).all(-1) & valid.reshape(n, width)
-                    blocks[name] = bad.sum(1).astype(np.int32)
+                    # each source has its own slot width (the widest batch that gave it), and
+                    # rows that did not give it hold fill values, not recorded NaNs: their
+                    # count is the array's fill (-1, "not recorded"), as in a chunk without any
+                    b = blocks[src]
+                    w = b.shape[1] if b.ndim > 1 else 1
+                    bad = ~np.isfinite(b.reshape(n, w, -1)).all(-1) & valid[:, :w]
+                    blocks[name] = np.where(recorded[src], bad.sum(1), group.specs[name].fill_value).astype(np.int32)
             if "batch_loss" in group.specs and "batch_loss" not in blocks:
                 # the mean of the batch's losses, from the host copy: no reduction (on the GPU a
                 # kernel launch) in the training step; accumulated in float64, stored float32
                 loss = blocks["loss"].reshape(n, width)
-                mask = valid.reshape(n, width)
+                mask = valid[:, :width]
                 with np.errstate(invalid="ignore", divide="ignore"):
                     mean = np.where(mask, loss, 0).sum(1, dtype=np.float64) / mask.sum(1)
                 blocks["batch_loss"] = mean.astype(np.float32)

@@ -165,3 +165,37 @@ def test_large_chunks_keep_zstd(tmp_path):
     assert _codec_options((64,), "float64") == {"compressors": None}            # 512 bytes
     assert _codec_options((64, 128), "float32") == {}                          # 32 kB: zstd
     assert _codec_options((UNCOMPRESSED_CHUNK_BYTES + 1,), "int8") == {}
+
+
+def test_steps_without_logits_in_a_chunk_count_no_nonfinite_logits(tmp_path):
+    """A chunk mixing steps with and without logits, the logit-less step the widest: the
+    writer must neither fail (each source has its own slot width) nor count the fill values
+    of a step that gave no logits as NaN logits: such a step's count is -1 (not recorded),
+    whether or not other steps of its chunk gave logits."""
+    import warnings
+
+    import torch.nn as nn
+    import torch.nn.functional as F
+
+    from dynascope import analysis
+    from dynascope.recorder import Recorder
+
+    torch.manual_seed(0)
+    m = nn.Linear(4, 3)
+    plan = [(3, False), (2, True), (2, True), (3, True), (3, False)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a false "NaN/inf logits" notice would be raised here
+        with Recorder(tmp_path / "r.zarr", m, num_classes=3, num_examples=40, chunk_steps=2,
+                      param_stats=False) as rec:
+            for t, (B, with_logits) in enumerate(plan):
+                x, y = torch.randn(B, 4), torch.randint(0, 3, (B,))
+                with rec.step(example_ids=torch.arange(B) + 5 * t, targets=y) as st:
+                    logits = m(x)
+                    losses = F.cross_entropy(logits, y, reduction="none")
+                    st.record(losses=losses, logits=logits if with_logits else None)
+                    losses.mean().backward()
+    train = analysis.open_run(tmp_path / "r.zarr").train.load()
+    assert train.sizes["step"] == len(plan)
+    assert train["nonfinite_logits"].values.tolist() == [-1, 0, 0, 0, -1]
+    assert train["nonfinite_loss"].values.tolist() == [0] * len(plan)
+    assert np.isnan(train["logits"].values[0]).all() and np.isfinite(train["logits"].values[1, :2]).all()
