@@ -11,72 +11,44 @@ statistics, so the rows isolate the gradient extension's cost.
 from __future__ import annotations
 
 import argparse
-import copy
 import os
 import statistics
 import sys
 import tempfile
-import time
 import warnings
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from overhead import MODELS  # noqa: E402
-from dynascope.recorder import Recorder  # noqa: E402
+from overhead import MODELS, Variant  # noqa: E402
 
-VARIANTS = {"plain step": None, "losses + logits": {}, "+ exact norms": {"grad_norms": True},
-            "+ norms + 1024-dim sketch": {"grad_norms": True, "grad_projection": 1024}}
-
-
-class Variant:
-    def __init__(self, base, kwargs, tmp, batch):
-        self.model = copy.deepcopy(base)
-        self.opt = torch.optim.SGD(self.model.parameters(), lr=0.01, momentum=0.9)
-        self.t, self.times, self.batch = 0, [], batch
-        self.rec = None if kwargs is None else Recorder(
-            Path(tmp) / f"r{id(self)}.zarr", self.model, num_classes=10, num_examples=1 << 20,
-            optimizer=self.opt, chunk_steps=8, param_stats=False, **kwargs).open()
-
-    def step(self, x, y):
-        start = time.thread_time()
-        if self.rec is None:
-            F.cross_entropy(self.model(x), y, reduction="none").mean().backward()
-        else:
-            ids = (torch.arange(self.batch) + self.t * self.batch) % (1 << 20)
-            with self.rec.step(example_ids=ids, targets=y) as st:
-                logits = self.model(x)
-                losses = F.cross_entropy(logits, y, reduction="none")
-                st.record(losses=losses, logits=logits)
-                losses.mean().backward()
-        self.t += 1
-        self.opt.step()
-        self.opt.zero_grad(set_to_none=True)
-        self.times.append(time.thread_time() - start)
+NO_STATS = {"param_stats": False}
+VARIANTS = {"plain step": None, "losses + logits": NO_STATS,
+            "+ exact norms": {**NO_STATS, "grad_norms": True},
+            "+ norms + 1024-dim sketch": {**NO_STATS, "grad_norms": True, "grad_projection": 1024}}
 
 
 def measure(name: str, rounds: int, tmp: str) -> None:
     build, B, make, _ = MODELS[name]
     g = torch.Generator().manual_seed(0)
     base, x, y = build(), make(B, g), torch.randint(0, 10, (B,), generator=g)
-    variants = {k: Variant(base, kw, tmp, B) for k, kw in VARIANTS.items()}
+    variants = {k: Variant(k, base, torch.device("cpu"), tmp, kw) for k, kw in VARIANTS.items()}
     for v in variants.values():  # warm-up, including the first-batch coverage check
         for _ in range(3):
-            v.step(x, y)
-        v.times.clear()
+            v.timed(x, y)
+        v.thread.clear()
+    order = list(variants.values())
     for r in range(rounds):
-        for v in (list(variants.values())[r % len(variants):] + list(variants.values())[:r % len(variants)]):
+        for v in order[r % len(order):] + order[:r % len(order)]:
             for _ in range(5):
-                v.step(x, y)
-    plain = statistics.median(variants["plain step"].times)
+                v.timed(x, y)
+    plain = statistics.median(variants["plain step"].thread)
     print(f"\n## {name}, batch {B}: median training-thread CPU per step\n\n| variant | ms | ratio |\n| --- | --- | --- |")
     for k, v in variants.items():
-        m = statistics.median(v.times)
+        m = statistics.median(v.thread)
         print(f"| {k} | {m * 1e3:.1f} | {m / plain:.3f} |")
-        if v.rec is not None:
-            v.rec.close()
+        v.close()
 
 
 def main(argv=None) -> None:
