@@ -121,11 +121,11 @@ def presence(run: Run) -> tuple[Examples, np.ndarray]:
     train = run.train
     ex = Examples()
     used = np.zeros(train.sizes["step"], dtype=bool)
+    none = np.empty(0, np.int64)   # observe reads ids and targets only
     for start, _, ids, target in _row_blocks(train):
         valid = ids >= 0
         used[start:start + len(ids)] = valid.any(1)
         cells = np.flatnonzero(valid.ravel())
-        none = np.empty(0, np.int64)   # observe reads ids and targets only
         ex.observe(Block(ids.ravel()[cells], none, none, target.ravel()[cells], {}))
     return ex, used
 

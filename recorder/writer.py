@@ -284,14 +284,13 @@ class ChunkWriter:
                                f"were not written; refusing to commit rows after a gap")
         zgroup = self.root.require_group(group_name)
         n = len(rows)
-        blocks, recorded = {}, {}
+        blocks = {}
         for name, spec in group.specs.items():
             values = [r.get(name) for r in rows]
             if all(v is None for v in values):
                 continue
             blocks[name] = self._stack(spec, values)
-            recorded[name] = np.array([v is not None for v in values])
-        self._check_nonfinite(group_name, start, blocks, recorded)
+        self._derive_columns(group_name, start, blocks, rows)
         # grow shared dimensions (slot, class, ...) and rows before writing
         for name, block in blocks.items():
             for dim, size in zip(group.specs[name].dims[1:], block.shape[1:]):
@@ -312,10 +311,10 @@ class ChunkWriter:
         self.committed[group_name] = end
         self.root.attrs["committed"] = dict(self.committed)
 
-    def _check_nonfinite(self, group_name: str, start: int, blocks: dict, recorded: dict) -> None:
-        """Count examples whose loss / logits are NaN or inf per row (padding excluded), and
-        the batch's mean loss, here in the writer thread from the host copies, so training
-        pays nothing for them."""
+    def _derive_columns(self, group_name: str, start: int, blocks: dict, rows: list) -> None:
+        """The columns derived from a chunk's losses and logits: per row the examples whose
+        loss / logits are NaN or inf (padding excluded) and the batch's mean loss, here in
+        the writer thread from the host copies, so training pays nothing for them."""
         group = self.groups[group_name]
         if "nonfinite_loss" in group.specs and "loss" in blocks:
             n = blocks["loss"].shape[0]
@@ -330,7 +329,8 @@ class ChunkWriter:
                     b = blocks[src]
                     w = b.shape[1] if b.ndim > 1 else 1
                     bad = ~np.isfinite(b.reshape(n, w, -1)).all(-1) & valid[:, :w]
-                    blocks[name] = np.where(recorded[src], bad.sum(1), group.specs[name].fill_value).astype(np.int32)
+                    recorded = np.array([r.get(src) is not None for r in rows])
+                    blocks[name] = np.where(recorded, bad.sum(1), group.specs[name].fill_value).astype(np.int32)
             if "batch_loss" in group.specs and "batch_loss" not in blocks:
                 # the mean of the batch's losses, from the host copy: no reduction (on the GPU a
                 # kernel launch) in the training step; accumulated in float64, stored float32

@@ -246,7 +246,7 @@ def _sum_product(g: torch.Tensor, h: torch.Tensor, dims: tuple) -> torch.Tensor:
     which never writes the g * h temporary."""
     if _trailing(g, dims) and h.is_contiguous() and h.shape == g.shape:
         lead = g.shape[:g.dim() - len(dims)]
-        T = g[(0,) * len(lead)].numel()
+        T = math.prod(g.shape[len(lead):])
         if T >= DOT_POSITIONS:
             n = math.prod(lead)
             return torch.bmm(h.reshape(n, 1, T), g.reshape(n, T, 1)).view(*lead).flatten(1)
